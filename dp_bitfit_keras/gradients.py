@@ -197,6 +197,7 @@ def per_example_gradients(
                 training=training, on_fallback=on_fallback,
             ),
             jit_compile=True,
+            autograph=False,  # Our errors (PforFallbackError, ValueError) reach the caller as is.
         )(x, y, sample_weight)
     if not variables:
         raise ValueError(

@@ -179,6 +179,15 @@ def per_example_gradients(
         >>> [tuple(g.shape) for g in grads]
         [(4, 3, 2), (4, 2)]
     """
+    grads, _, _ = _per_example(
+        model, loss_fn, x, y, variables, sample_weight, training=training, on_fallback=on_fallback
+    )
+    return grads
+
+
+@tf.autograph.experimental.do_not_convert
+def _per_example(model, loss_fn, x, y, variables=None, sample_weight=None, *, training=True, on_fallback="warn"):
+    """`per_example_gradients`, also returning the per-example losses `[batch]` and outputs."""
     if on_fallback not in ("warn", "error", "ignore"):
         raise ValueError(f"on_fallback must be 'warn', 'error' or 'ignore'; got {on_fallback!r}.")
     if not model.built:
@@ -192,7 +201,7 @@ def per_example_gradients(
         # attention/conv models; the XLA-compiled computation is exact. Compile it here (once
         # per call: inside a training step, trace this function once instead).
         return tf.function(
-            lambda x, y, sample_weight: per_example_gradients(
+            lambda x, y, sample_weight: _per_example(
                 model, loss_fn, x, y, variables, sample_weight,
                 training=training, on_fallback=on_fallback,
             ),
@@ -219,9 +228,10 @@ def per_example_gradients(
                 y_pred = model(x_i, training=training)
             loss = loss_fn(y_i, y_pred)
             loss = _one_loss(loss)
+            weighted = loss
             if "sample_weight" in example:
-                loss = loss * tf.cast(example["sample_weight"], loss.dtype)
-        grads = tape.gradient(loss, variables)
+                weighted = loss * tf.cast(example["sample_weight"], loss.dtype)
+        grads = tape.gradient(weighted, variables)
         if all(g is None for g in grads):
             raise ValueError(
                 "None of the given variables affects the loss: `variables` must be the model's "
@@ -231,13 +241,14 @@ def per_example_gradients(
         # A variable off the loss path (e.g. an unused pooler) has a zero gradient. Embedding
         # gradients arrive as IndexedSlices; vectorized_map would densify them anyway (with a
         # warning): a per-example gradient is dense in the variable's shape.
-        return [
+        grads = [
             tf.zeros(v.shape, v.dtype) if g is None else tf.convert_to_tensor(g)
             for v, g in zip(variables, grads)
         ]
+        return grads, loss, tf.nest.map_structure(lambda t: t[0], y_pred)
 
     with _record_pfor_fallbacks() as fallbacks:
-        grads = tf.vectorized_map(one_example, elems, fallback_to_while_loop=True)
+        grads, losses, y_pred = tf.vectorized_map(one_example, elems, fallback_to_while_loop=True)
     _state.last_fallbacks = tuple(fallbacks)
     if fallbacks and on_fallback != "ignore":
         message = (
@@ -248,7 +259,7 @@ def per_example_gradients(
         if on_fallback == "error":
             raise PforFallbackError(message)
         warnings.warn(message, PforFallbackWarning, stacklevel=2)
-    return list(grads)
+    return list(grads), losses, y_pred
 
 
 def _one_loss(loss):

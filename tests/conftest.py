@@ -47,3 +47,23 @@ def assert_gradients_close(actual, expected, rtol=1e-5):
         assert tuple(a.shape) == tuple(e.shape)
         err = float(np.max(np.abs(np.asarray(a) - np.asarray(e)))) if np.size(e) else 0.0
         assert err <= rtol * scale, f"max error {err:.3g} > {rtol} x scale {scale:.3g}"
+
+
+def tiny_bert(batch=4, seq=10, dropout=0.0, num_classes=3):
+    """A random-init keras-hub BertTextClassifier and a padded batch for it."""
+    import keras_hub
+
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=64, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32,
+        max_sequence_length=seq, dropout=dropout,
+    )
+    model = keras_hub.models.BertTextClassifier(backbone, num_classes=num_classes, preprocessor=None, dropout=dropout)
+    lengths = [seq, max(seq - 4, 1), 3, seq - 2, 5, seq, 4, 7][:batch] + [seq] * max(0, batch - 8)
+    mask = tf.sequence_mask(lengths, seq)
+    x = {
+        "token_ids": tf.random.uniform((batch, seq), 1, 64, tf.int32) * tf.cast(mask, tf.int32),
+        "segment_ids": tf.zeros((batch, seq), tf.int32),
+        "padding_mask": mask,
+    }
+    model(x)
+    return model, x, tf.constant(np.arange(batch) % num_classes, tf.int32)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import assert_gradients_close, brute_force_gradients
+from conftest import assert_gradients_close, brute_force_gradients, tiny_bert
 from dp_bitfit_keras import gradients, selection
 from dp_bitfit_keras.gradients import per_example_gradients
 
@@ -66,20 +66,7 @@ def test_exact_for_every_layer_type(layer_name, mode):
 
 
 def _tiny_bert(dropout=0.0):
-    backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=64, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32,
-        max_sequence_length=10, dropout=dropout,
-    )
-    model = keras_hub.models.BertTextClassifier(backbone, num_classes=3, preprocessor=None, dropout=dropout)
-    x = {
-        "token_ids": tf.random.uniform((BATCH, 10), 1, 64, tf.int32),
-        "segment_ids": tf.zeros((BATCH, 10), tf.int32),
-        # Padding in the batch: examples of length 10, 6, 3 and 8.
-        "padding_mask": tf.sequence_mask([10, 6, 3, 8], 10),
-    }
-    x["token_ids"] *= tf.cast(x["padding_mask"], tf.int32)
-    model(x)
-    return model, x, tf.constant([0, 1, 2, 1])
+    return tiny_bert(dropout=dropout)
 
 
 @pytest.mark.parametrize("mode", ["bias", "bias+head", "all"])

@@ -1,0 +1,221 @@
+"""`DPModel`: a Keras model whose `fit` is DP-SGD on the selected variables."""
+
+from __future__ import annotations
+
+import warnings
+
+import keras
+import tensorflow as tf
+
+from dp_bitfit_keras import gradients, selection
+from dp_bitfit_keras.optimizer import DPOptimizer
+from dp_bitfit_keras.privacy import sampling
+
+_DEFAULT_BATCH_SIZE = 32
+
+
+def per_example_loss(loss):
+    """The per-example form of a compiled Keras loss (`reduction=None`).
+
+    Raises:
+        ValueError: for losses that cannot give per-example values (dicts/lists of losses).
+    """
+    if isinstance(loss, str):
+        loss = keras.losses.get(loss)
+    if isinstance(loss, keras.losses.Loss):
+        config = loss.get_config()
+        config["reduction"] = None
+        return type(loss).from_config(config)
+    if callable(loss):
+        return loss  # Keras' functional losses and user callables: checked at the first trace.
+    raise ValueError(
+        "DPModel needs one loss that returns one value per example, e.g. "
+        "keras.losses.SparseCategoricalCrossentropy(from_logits=True); got "
+        f"{type(loss).__name__}: {loss!r}. Multi-output losses (dicts/lists) are not supported yet."
+    )
+
+
+@keras.saving.register_keras_serializable(package="dp_bitfit_keras")
+class DPModel(keras.Model):
+    """Differentially private fine-tuning of a Keras model (DP-BiTFiT by default).
+
+    Marks only the selected variables trainable, and trains them with DP-SGD: per-example
+    gradients by `tf.vectorized_map`, clipped, summed and noised by the `DPOptimizer` it is
+    compiled with, in one XLA-compiled step (`jit_compile=True`, also on CPU). Evaluation,
+    prediction, `summary()` and `export()` are those of the wrapped model.
+
+    `sample_weight` multiplies each example's loss before clipping, so the DP guarantee holds for
+    any weights; weight 0 removes an example (the padding rows of `poisson_batches`).
+
+    Args:
+        model: a built Keras model (keras-hub task models included).
+        trainable: `"bias"` (DP-BiTFiT), `"bias+head"`, `"all"` (DP full fine-tuning), or a
+            callable `variable -> bool`.
+
+    Example:
+        >>> base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.Dense(2)])
+        >>> model = DPModel(base, trainable="bias")
+        >>> model.compile(optimizer=DPOptimizer(keras.optimizers.SGD(0.1), 1.0, 1.0),
+        ...               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    """
+
+    def __init__(self, model, trainable="bias", **kwargs):
+        if isinstance(model, dict):
+            model = keras.saving.deserialize_keras_object(model)
+        kwargs.setdefault("name", f"dp_{model.name}")
+        super().__init__(**kwargs)
+        if not isinstance(model, keras.Model):
+            raise ValueError(f"DPModel wraps a keras.Model; got {type(model).__name__}.")
+        self.model = model
+        if isinstance(trainable, dict):
+            # from_config of a callable selection: positions in model.weights (variable paths
+            # are not stable across save/load, the architecture's weight order is).
+            chosen = {id(model.weights[i]) for i in trainable["weight_indices"]}
+            trainable = lambda v: id(v) in chosen  # noqa: E731
+        self.trainable_spec = trainable
+        if not model.built:
+            raise ValueError(
+                f"Model '{model.name}' is not built: call it on a batch (or give it an Input) "
+                "before wrapping it, so its variables can be selected."
+            )
+        selection.check_per_example_separable(model)
+        self.selection = selection.select_variables(model, trainable)
+        selection.apply_selection(model, self.selection)
+        self.built = True
+
+    def call(self, inputs, training=False):
+        return self.model(inputs, training=training)
+
+    def summary(self, *args, **kwargs):
+        self.model.summary(*args, **kwargs)
+        print_fn = kwargs.get("print_fn") or print
+        print_fn(f"DP fine-tuning ({self.trainable_spec if isinstance(self.trainable_spec, str) else 'custom'}): {self.selection}")
+
+    def export(self, filepath, format="tf_saved_model", **kwargs):
+        """Exports the wrapped model (plain Keras `export`, serving-ready)."""
+        return self.model.export(filepath, format=format, **kwargs)
+
+    def get_config(self):
+        spec = self.trainable_spec
+        if not isinstance(spec, str):
+            chosen = {id(v) for v in self.selection.variables}
+            spec = {"weight_indices": [i for i, v in enumerate(self.model.weights) if id(v) in chosen]}
+        return {
+            "name": self.name,
+            "model": keras.saving.serialize_keras_object(self.model),
+            "trainable": spec,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        model = keras.saving.deserialize_keras_object(config.pop("model"), custom_objects=custom_objects)
+        return cls(model, **config)
+
+    # --- Compile / fit -----------------------------------------------------------------------
+
+    def compile(self, optimizer=None, loss=None, jit_compile=True, **kwargs):
+        """As `keras.Model.compile`, with a `DPOptimizer` and XLA on by default (also on CPU)."""
+        if not isinstance(optimizer, DPOptimizer):
+            raise ValueError(
+                "DPModel trains with a dp_bitfit_keras.DPOptimizer, e.g. "
+                "DPOptimizer(keras.optimizers.Adam(1e-3), l2_norm_clip=1.0, noise_multiplier=1.0); "
+                f"got {optimizer!r}."
+            )
+        if loss is None:
+            raise ValueError("DPModel.compile needs a loss (one value per example).")
+        self._per_example_loss = per_example_loss(loss)
+        if jit_compile == "auto":
+            jit_compile = True  # "auto" turns XLA off on CPU; the per-example step needs it.
+        super().compile(optimizer=optimizer, loss=loss, jit_compile=jit_compile, **kwargs)
+
+    def compile_from_config(self, config):
+        # Keras skips this for models that override compile(); ours is compile() plus checks.
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        self.optimizer.build(self.trainable_variables)
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        variables = list(self.selection.variables)
+        grads, losses, y_pred = gradients._per_example(
+            self.model, self._per_example_loss, x, y, variables, sample_weight, training=True
+        )
+        mask = None if sample_weight is None else tf.cast(tf.reshape(sample_weight, [-1]) > 0, tf.float32)
+        norms = self.optimizer.apply_private_gradients(grads, variables, mask)
+        # Metrics describe the private batch; they are for monitoring, not released with DP.
+        weights = tf.ones_like(losses) if mask is None else mask
+        self._loss_tracker.update_state(
+            tf.reduce_sum(losses * weights) / tf.maximum(tf.reduce_sum(weights), 1.0),
+            sample_weight=tf.reduce_sum(weights),
+        )
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        del norms
+        return logs
+
+    def fit(self, x=None, y=None, batch_size=None, epochs=1, *, sampling_rate=None, **kwargs):
+        """`keras.Model.fit` with Poisson sampling and the privacy ledger set up.
+
+        Data forms:
+          - arrays / tensors / dicts of them: Poisson-sampled with q = `batch_size`/n by
+            `poisson_batches` (batch_size default 32).
+          - a dataset from `poisson_batches`: used as is, q from it.
+          - any other batched `tf.data.Dataset`: give `sampling_rate`; accounting then assumes
+            Poisson sampling at that rate, which shuffled fixed-size batches only approximate.
+        """
+        if not isinstance(self.optimizer, DPOptimizer):
+            raise ValueError("Compile the DPModel with a DPOptimizer before fit.")
+        dataset, sampler, q, expected, n = self._private_data(x, y, batch_size, sampling_rate, kwargs)
+        steps_per_epoch = kwargs.pop("steps_per_epoch", None) or int(dataset.cardinality())
+        if steps_per_epoch < 0:
+            raise ValueError("Pass steps_per_epoch for a dataset of unknown length.")
+        self.optimizer.build(list(self.selection.variables))
+        self.optimizer.begin_run(q, expected, steps_per_epoch * (epochs - kwargs.get("initial_epoch", 0)), n)
+        self._dp_sampler = sampler
+        kwargs.setdefault("shuffle", False)  # Sampling is the dataset's job (Poisson).
+        return super().fit(dataset, epochs=epochs, steps_per_epoch=steps_per_epoch, **kwargs)
+
+    def _private_data(self, x, y, batch_size, sampling_rate, kwargs):
+        if isinstance(x, tf.data.Dataset):
+            if y is not None:
+                raise ValueError("With a tf.data.Dataset, y comes from the dataset; got y too.")
+            sampler = getattr(x, "dp_sampler", None)
+            if sampler is not None:
+                return x, sampler, sampler.sampling_rate, sampler.expected_batch_size, sampler.num_examples
+            if sampling_rate is None:
+                raise ValueError(
+                    "DPModel.fit cannot tell the sampling rate of this dataset. Build it with "
+                    "dp_bitfit_keras.poisson_batches (honest Poisson sampling, recommended), or pass "
+                    "sampling_rate=batch_size/num_examples to account its batches as Poisson samples."
+                )
+            spec = tf.nest.flatten(x.element_spec)[0]
+            static_batch = spec.shape[0]
+            if static_batch is None:
+                raise ValueError(
+                    "Batches of varying size would retrace the compiled step: use poisson_batches, "
+                    "or batch with drop_remainder=True."
+                )
+            warnings.warn(
+                "Accounting these batches as Poisson samples at the given sampling_rate; shuffled "
+                "fixed-size batches are a different mechanism. poisson_batches matches the analysis.",
+                stacklevel=3,
+            )
+            return x, None, float(sampling_rate), float(static_batch), None
+        if kwargs.get("sample_weight") is not None:
+            raise ValueError("sample_weight with array inputs is not supported by DPModel.fit yet.")
+        n = int(tf.nest.flatten(x)[0].shape[0])
+        batch_size = batch_size or _DEFAULT_BATCH_SIZE
+        if not 0 < batch_size <= n:
+            raise ValueError(f"batch_size must be in [1, {n}] (the dataset size); got {batch_size}.")
+        q = sampling_rate or batch_size / n
+        dataset = sampling.poisson_batches((x, y), q)
+        return dataset, dataset.dp_sampler, q, q * n, n
+
+    # --- Privacy --------------------------------------------------------------------------------
+
+    def privacy_spent(self, delta: float) -> tuple[float, float]:
+        """(ε, δ) spent by the DP steps this model's optimizer has taken."""
+        if not isinstance(self.optimizer, DPOptimizer):
+            raise ValueError("Compile the DPModel with a DPOptimizer first.")
+        return self.optimizer.privacy_spent(delta)
+

@@ -1,0 +1,1 @@
+"""Privacy mechanics: clip-and-noise queries, accounting, Poisson sampling."""

@@ -1,0 +1,150 @@
+"""Poisson subsampling as a `tf.data` pipeline with static shapes.
+
+DP-SGD's usual privacy analysis (the one `compute_epsilon` performs) assumes each step's batch is
+a Poisson sample: every example joins independently with probability q, so the batch size varies.
+Many libraries instead shuffle and cut fixed-size batches while accounting as if Poisson; that is
+a different mechanism whose true ε can be larger. `poisson_batches` samples as the analysis
+assumes, then pads each batch to `max_batch_size` and returns a 0/1 mask as the sample weight,
+so the compiled training step sees one shape and never retraces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import numpy as np
+import tensorflow as tf
+from scipy import stats
+
+
+def max_batch_size_for(num_examples: int, sampling_rate: float, overflow_probability: float = 1e-9) -> int:
+    """Smallest padded size that one step's Poisson batch exceeds with probability at most
+    `overflow_probability` (binomial quantile)."""
+    return int(stats.binom.ppf(1.0 - overflow_probability, num_examples, sampling_rate)) + 1
+
+
+@dataclasses.dataclass
+class PoissonSampler:
+    """The state of a Poisson batch stream: step `step` draws its batch from seed (seed, step).
+
+    `step` is a `tf.Variable`, so a checkpoint of it resumes the stream without replaying a batch.
+    """
+
+    num_examples: int
+    sampling_rate: float
+    max_batch_size: int
+    seed: int
+    step: tf.Variable
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.num_examples * self.sampling_rate
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, round(1.0 / self.sampling_rate))
+
+
+def _materialize(data):
+    """Stacks a finite dataset of examples (or passes arrays through) into tensors."""
+    if isinstance(data, tf.data.Dataset):
+        n = int(data.cardinality())
+        if n < 0:
+            raise ValueError(
+                "poisson_batches needs a finite dataset of single examples with known length; "
+                "got an infinite or unknown-length dataset. Use `.take(n)` or "
+                "`tf.data.experimental.assert_cardinality(n)`."
+            )
+        if n == 0:
+            raise ValueError("poisson_batches got an empty dataset.")
+        return data.batch(n).get_single_element()
+    return tf.nest.map_structure(tf.convert_to_tensor, data)
+
+
+def poisson_batches(
+    dataset,
+    sampling_rate: float,
+    max_batch_size: int | None = None,
+    *,
+    steps_per_epoch: int | None = None,
+    seed: int | None = None,
+    overflow_probability: float = 1e-9,
+) -> tf.data.Dataset:
+    """Poisson-sampled logical batches, padded to a static size, with a per-example mask.
+
+    Args:
+        dataset: a finite `tf.data.Dataset` of single examples (`(x, y)`, dicts allowed), or a
+            tuple of arrays with the examples on the first axis. It is held in memory.
+        sampling_rate: q, the probability that an example joins a given step's batch
+            (expected batch size / number of examples).
+        max_batch_size: the padded size. A step whose sample is larger raises an
+            `InvalidArgumentError` (never a silent truncation, which would change the mechanism).
+            `None`: the binomial quantile at which an overflow has probability
+            `overflow_probability`.
+        steps_per_epoch: batches per pass of `fit`; default `round(1/q)` (each example seen once
+            per epoch in expectation).
+        seed: seed of the sampling stream (default: drawn from Python's `random`, which
+            `keras.utils.set_random_seed` seeds).
+
+    Returns:
+        A dataset of `(x, y, mask)` with leading axis `max_batch_size`; padding rows repeat the
+        first example with mask 0. Its `dp_sampler` attribute holds the `PoissonSampler`.
+
+    Example:
+        >>> ds = poisson_batches((np.zeros((100, 3)), np.zeros(100)), 0.1, seed=0)
+        >>> x, y, mask = next(iter(ds))
+        >>> x.shape[0] == ds.dp_sampler.max_batch_size
+        True
+    """
+    if not 0 < sampling_rate <= 1:
+        raise ValueError(f"sampling_rate must be in (0, 1]; got {sampling_rate}.")
+    examples = _materialize(dataset)
+    flat = tf.nest.flatten(examples)
+    n = int(flat[0].shape[0])
+    if any(int(t.shape[0]) != n for t in flat):
+        raise ValueError(f"All arrays must have the same number of examples; got {[t.shape[0] for t in flat]}.")
+    if max_batch_size is None:
+        max_batch_size = max_batch_size_for(n, sampling_rate, overflow_probability)
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1; got {max_batch_size}.")
+    steps_per_epoch = steps_per_epoch or max(1, round(1.0 / sampling_rate))
+    seed = random.randrange(2**31) if seed is None else int(seed)
+    sampler = PoissonSampler(
+        num_examples=n,
+        sampling_rate=float(sampling_rate),
+        max_batch_size=int(max_batch_size),
+        seed=seed,
+        step=tf.Variable(0, dtype=tf.int64, trainable=False, name="poisson_step"),
+    )
+
+    def draw(_):
+        step = sampler.step.assign_add(1) - 1
+        keep = tf.random.stateless_uniform([n], seed=tf.stack([tf.constant(seed, tf.int64), step])) < sampling_rate
+        indices = tf.cast(tf.where(keep)[:, 0], tf.int32)
+        size = tf.size(indices)
+        check = tf.debugging.assert_less_equal(
+            size,
+            max_batch_size,
+            message=(
+                f"A Poisson batch exceeded max_batch_size={max_batch_size} (n={n}, q={sampling_rate}). "
+                "Truncating it would break the privacy analysis: raise max_batch_size."
+            ),
+        )
+        with tf.control_dependencies([check]):
+            padded = tf.pad(indices, [[0, max_batch_size - size]])
+        mask = tf.cast(tf.range(max_batch_size) < size, tf.float32)
+        batch = tf.nest.map_structure(lambda t: tf.gather(t, padded), examples)
+        if isinstance(batch, tuple) and len(batch) == 2:
+            return batch[0], batch[1], mask
+        return batch, mask
+
+    # The step counter is shared state: keep the map sequential so steps are drawn in order.
+    ds = tf.data.Dataset.range(steps_per_epoch).map(draw)
+    ds = ds.prefetch(2)
+    ds.dp_sampler = sampler
+    return ds
+
+
+__all__ = ["PoissonSampler", "max_batch_size_for", "poisson_batches"]

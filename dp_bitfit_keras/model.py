@@ -149,9 +149,26 @@ class DPModel(keras.Model):
             tf.reduce_sum(losses * weights) / tf.maximum(tf.reduce_sum(weights), 1.0),
             sample_weight=tf.reduce_sum(weights),
         )
-        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         del norms
-        return logs
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        # Keras' unweighted `metrics` ignore sample_weight, so they would count the zero-weight
+        # padding rows of a Poisson batch as examples: give them the 0/1 example mask instead.
+        metrics = self._compile_metrics
+        if metrics is None or sample_weight is None:
+            return super().compute_metrics(x, y, y_pred, sample_weight)
+        if not metrics.built:
+            metrics.build(y, y_pred)
+        mask = tf.cast(tf.reshape(sample_weight, [-1]) > 0, tf.float32)
+        for unweighted, weighted, y_t, y_p in zip(
+            metrics._flat_metrics, metrics._flat_weighted_metrics, metrics._flatten_y(y), metrics._flatten_y(y_pred)
+        ):
+            if unweighted:
+                unweighted.update_state(y_t, y_p, sample_weight=mask)
+            if weighted:
+                weighted.update_state(y_t, y_p, sample_weight=sample_weight)
+        return self.get_metrics_result()
 
     def fit(self, x=None, y=None, batch_size=None, epochs=1, *, sampling_rate=None, **kwargs):
         """`keras.Model.fit` with Poisson sampling and the privacy ledger set up.

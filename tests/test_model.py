@@ -228,3 +228,18 @@ def test_evaluate_predict_export_behave_as_the_wrapped_model(tmp_path):
     served = tf.saved_model.load(path)
     out = served.serve({**x, "padding_mask": tf.cast(x["padding_mask"], tf.int32)})  # keras-hub's signature.
     np.testing.assert_allclose(out.numpy(), base.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+def test_metrics_ignore_padding_rows():
+    base, x, y = tiny_bert(batch=6)
+    model = dpk.DPModel(base, trainable="bias")
+    model.compile(
+        optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.0), 1.0, 1.0), loss=LOSS,
+        metrics=["accuracy"], weighted_metrics=["accuracy"],
+    )
+    mask = tf.constant([1, 1, 1, 0, 0, 0], tf.float32)
+    predicted = np.argmax(base.predict(x, verbose=0), axis=-1)
+    y = tf.constant(np.where(np.arange(6) < 3, 1 - predicted, predicted), tf.int32)  # Real rows wrong, padding right.
+    logs = model.train_step((x, y, mask))
+    assert float(logs["accuracy"]) == 0.0
+    assert float(logs["weighted_accuracy"]) == 0.0

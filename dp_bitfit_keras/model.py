@@ -142,14 +142,13 @@ class DPModel(keras.Model):
             self.model, self._per_example_loss, x, y, variables, sample_weight, training=True
         )
         mask = None if sample_weight is None else tf.cast(tf.reshape(sample_weight, [-1]) > 0, tf.float32)
-        norms = self.optimizer.apply_private_gradients(grads, variables, mask)
+        self.optimizer.apply_private_gradients(grads, variables, mask)
         # Metrics describe the private batch; they are for monitoring, not released with DP.
         weights = tf.ones_like(losses) if mask is None else mask
         self._loss_tracker.update_state(
             tf.reduce_sum(losses * weights) / tf.maximum(tf.reduce_sum(weights), 1.0),
             sample_weight=tf.reduce_sum(weights),
         )
-        del norms
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
@@ -182,13 +181,12 @@ class DPModel(keras.Model):
         """
         if not isinstance(self.optimizer, DPOptimizer):
             raise ValueError("Compile the DPModel with a DPOptimizer before fit.")
-        dataset, sampler, q, expected, n = self._private_data(x, y, batch_size, sampling_rate, kwargs)
+        dataset, q, expected, n = self._private_data(x, y, batch_size, sampling_rate, kwargs)
         steps_per_epoch = kwargs.pop("steps_per_epoch", None) or int(dataset.cardinality())
         if steps_per_epoch < 0:
             raise ValueError("Pass steps_per_epoch for a dataset of unknown length.")
         self.optimizer.build(list(self.selection.variables))
         self.optimizer.begin_run(q, expected, steps_per_epoch * (epochs - kwargs.get("initial_epoch", 0)), n)
-        self._dp_sampler = sampler
         kwargs.setdefault("shuffle", False)  # Sampling is the dataset's job (Poisson).
         return super().fit(dataset, epochs=epochs, steps_per_epoch=steps_per_epoch, **kwargs)
 
@@ -198,7 +196,7 @@ class DPModel(keras.Model):
                 raise ValueError("With a tf.data.Dataset, y comes from the dataset; got y too.")
             sampler = getattr(x, "dp_sampler", None)
             if sampler is not None:
-                return x, sampler, sampler.sampling_rate, sampler.expected_batch_size, sampler.num_examples
+                return x, sampler.sampling_rate, sampler.expected_batch_size, sampler.num_examples
             if sampling_rate is None:
                 raise ValueError(
                     "DPModel.fit cannot tell the sampling rate of this dataset. Build it with "
@@ -217,7 +215,7 @@ class DPModel(keras.Model):
                 "fixed-size batches are a different mechanism. poisson_batches matches the analysis.",
                 stacklevel=3,
             )
-            return x, None, float(sampling_rate), float(static_batch), None
+            return x, float(sampling_rate), float(static_batch), None
         if kwargs.get("sample_weight") is not None:
             raise ValueError("sample_weight with array inputs is not supported by DPModel.fit yet.")
         n = int(tf.nest.flatten(x)[0].shape[0])
@@ -226,7 +224,7 @@ class DPModel(keras.Model):
             raise ValueError(f"batch_size must be in [1, {n}] (the dataset size); got {batch_size}.")
         q = sampling_rate or batch_size / n
         dataset = sampling.poisson_batches((x, y), q)
-        return dataset, dataset.dp_sampler, q, q * n, n
+        return dataset, q, q * n, n
 
     # --- Privacy --------------------------------------------------------------------------------
 

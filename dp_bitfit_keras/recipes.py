@@ -1,13 +1,17 @@
 """One training run of a named method: what the example binaries and the utility sweep share.
 
 Methods (same model, data and seed; only what is trained and whether it is private differ):
-`full` and `bitfit` (non-private Keras `fit`), `dp_bitfit`, `dp_bitfit_head`, `dp_full` (DPModel).
+`full`, `bitfit`, `bitfit_head` (non-private Keras `fit`), `dp_bitfit`, `dp_bitfit_head`,
+`dp_full` (DPModel). A new task's classifier head starts random, and bias-only training cannot
+rotate it: compare `dp_bitfit_head` with `bitfit_head`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import time
 from typing import Callable
 
@@ -23,6 +27,7 @@ METHODS = {
     # name: (variables, private)
     "full": ("all", False),
     "bitfit": ("bias", False),
+    "bitfit_head": ("bias+head", False),
     "dp_bitfit": ("bias", True),
     "dp_bitfit_head": ("bias+head", True),
     "dp_full": ("all", True),
@@ -153,3 +158,26 @@ def train(
         steps=model.optimizer.dp_steps if private else int(model.optimizer.iterations.numpy()),
         model=model,
     )
+
+
+def default_export_dir(dataset: str, method: str, epsilon: float, root: str = "savedmodels") -> str:
+    """`savedmodels/<run name>/<next integer version>` (TF Serving's layout)."""
+    name = f"{dataset}_{method}" + (f"_eps{epsilon:g}" if METHODS[method][1] else "")
+    base = os.path.join(root, re.sub(r"[^A-Za-z0-9_.-]+", "_", name))
+    versions = [int(d) for d in os.listdir(base) if d.isdigit()] if os.path.isdir(base) else []
+    return os.path.join(base, str(max(versions, default=0) + 1))
+
+
+def print_summary(result: RunResult, export_dir: str, serving_hint: str = "") -> None:
+    eps = (
+        "∞ (not private)" if math.isinf(result.epsilon)
+        else f"{result.epsilon:.3f} (δ = {result.delta:.2e}, σ = {result.noise_multiplier:.3f})"
+    )
+    print("\n== Summary ==")
+    print(f"method:              {result.method}")
+    print(f"trainable:           {result.trainable_params:,} parameters ({100 * result.trainable_fraction:.3f}%)")
+    print(f"ε spent:             {eps}")
+    print(f"validation accuracy: {result.validation_accuracy:.4f}")
+    print(f"test accuracy:       {result.test_accuracy:.4f}")
+    print(f"ms/step:             {result.ms_per_step:.1f} ({result.steps} steps)")
+    print(f"SavedModel:          {export_dir}  {serving_hint}".rstrip())

@@ -12,16 +12,13 @@ Ends with a summary and a SavedModel (raw-string signature) under `savedmodels/`
 """
 
 import json
-import math
 import os
-import re
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras_hub  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from dp_bitfit_keras import datasets, presets, recipes, text  # noqa: E402
+from dp_bitfit_keras import recipes, tasks, text  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "offline-minilm", "keras-hub preset name or local preset directory; "
@@ -45,51 +42,24 @@ flags.DEFINE_string("summary_json", None, "Also write the run summary here.")
 flags.DEFINE_integer("seed", 0, "Seed for initialisation, sampling and noise.")
 
 
-def load_data(name, max_examples):
-    if name in ("tweets", "tweets_binary"):
-        return datasets.tweet_sentiment(binary=name == "tweets_binary", max_examples=max_examples)
-    return datasets.tfds_text(name, max_examples=max_examples)
-
-
-def next_version_dir(root):
-    versions = [int(d) for d in os.listdir(root) if d.isdigit()] if os.path.isdir(root) else []
-    return os.path.join(root, str(max(versions, default=0) + 1))
-
-
 def run():
     """Trains, exports and prints the summary; returns (summary dict, trained model, preprocessor)."""
-    preset = presets.minilm_preset_dir() if FLAGS.preset == "offline-minilm" else FLAGS.preset
-    data = load_data(FLAGS.dataset, FLAGS.max_examples or None)
-    preprocessor = text.load_preprocessor(preset, FLAGS.sequence_length)
-    splits = [(text.tokenize(preprocessor, x), y) for x, y in (data.train, data.validation, data.test)]
+    task = tasks.text_task(FLAGS.preset, FLAGS.dataset, FLAGS.max_examples or None, FLAGS.sequence_length, FLAGS.pooling)
+    data, preprocessor = task.splits, task.preprocessor
+    splits = (data.train, data.validation, data.test)
     print(f"{FLAGS.dataset}: {[len(y) for _, y in splits]} train/validation/test examples, classes {data.class_names}")
-
-    def build_model():
-        backbone = keras_hub.models.BertBackbone.from_preset(preset)
-        return text.bert_classifier(backbone, data.num_classes, pooling=FLAGS.pooling)
-
     result = recipes.train(
-        FLAGS.method, build_model, *splits,
+        FLAGS.method, task.build_model, *splits,
         epsilon=FLAGS.epsilon, delta=FLAGS.delta, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
-        l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, learning_rate=FLAGS.learning_rate,
+        l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, learning_rate=FLAGS.learning_rate or task.learning_rate(FLAGS.method),
         seed=FLAGS.seed,
     )
-    run_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{FLAGS.dataset}_{FLAGS.method}" + (
-        f"_eps{FLAGS.epsilon:g}" if recipes.METHODS[FLAGS.method][1] else ""))
-    export_dir = FLAGS.export_dir or next_version_dir(os.path.join("savedmodels", run_name))
+    export_dir = FLAGS.export_dir or recipes.default_export_dir(FLAGS.dataset, FLAGS.method, FLAGS.epsilon)
     model = result.base_model
     text.export_text_classifier(model, preprocessor, export_dir, data.class_names)
 
     summary = dict(result.as_dict(), dataset=FLAGS.dataset, preset=FLAGS.preset, export_dir=export_dir)
-    eps = "∞ (not private)" if math.isinf(result.epsilon) else f"{result.epsilon:.3f} (δ = {result.delta:.2e}, σ = {result.noise_multiplier:.3f})"
-    print("\n== Summary ==")
-    print(f"method:              {FLAGS.method}")
-    print(f"trainable:           {result.trainable_params:,} parameters ({100 * result.trainable_fraction:.3f}%)")
-    print(f"ε spent:             {eps}")
-    print(f"validation accuracy: {result.validation_accuracy:.4f}")
-    print(f"test accuracy:       {result.test_accuracy:.4f}")
-    print(f"ms/step:             {result.ms_per_step:.1f} ({result.steps} steps)")
-    print(f"SavedModel:          {export_dir}  (uv run python examples/predict.py --model_dir={export_dir} 'some text')")
+    recipes.print_summary(result, export_dir, f"(uv run python examples/predict.py --model_dir={export_dir} 'some text')")
     if FLAGS.summary_json:
         with open(FLAGS.summary_json, "w") as f:
             json.dump(summary, f, indent=1)

@@ -1,5 +1,7 @@
 """The example binaries on tiny settings: a local preset directory and TFDS mock data."""
 
+import contextlib
+import importlib
 import json
 import os
 import subprocess
@@ -31,22 +33,34 @@ def tiny_preset(tmp_path):
     return path
 
 
-def _run_example(module, argv):
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS([module.__file__, *argv])
+@contextlib.contextmanager
+def _example(name):
+    """Imports examples/<name>.py; afterwards drops it and its absl flags, since the binaries
+    define flags of the same names (each is its own program)."""
+    module = importlib.import_module(name)
     try:
-        return module.run()
+        yield module
     finally:
+        for flag in flags.FLAGS.get_key_flags_for_module(module):
+            delattr(flags.FLAGS, flag.name)
+        sys.modules.pop(name, None)
+
+
+def _run_example(name, argv, entry="run"):
+    with _example(name) as module:
         flags.FLAGS.unparse_flags()
+        flags.FLAGS([module.__file__, *argv])
+        try:
+            return getattr(module, entry)()
+        finally:
+            flags.FLAGS.unparse_flags()
 
 
 @pytest.mark.parametrize("method", ["dp_bitfit_head", "bitfit"])
 def test_text_example_trains_exports_and_serves(tiny_preset, tmp_path, method):
-    import train_text_classifier
-
     export_dir = str(tmp_path / "savedmodel" / "1")
     with tfds.testing.mock_data(num_examples=40):
-        summary, model, preprocessor = _run_example(train_text_classifier, [
+        summary, model, preprocessor = _run_example("train_text_classifier", [
             f"--preset={tiny_preset}", "--dataset=glue/sst2", f"--method={method}", "--batch_size=16",
             "--sequence_length=16", "--max_examples=100", f"--export_dir={export_dir}", "--epsilon=5",
         ])
@@ -85,10 +99,8 @@ def _serve_images(export_dir, images):
 
 
 def test_image_example_offline_digits_transfer(tmp_path):
-    import train_image_classifier
-
     export_dir = str(tmp_path / "digits" / "1")
-    summary, model = _run_example(train_image_classifier, [
+    summary, model = _run_example("train_image_classifier", [
         "--pretrain_epochs=2", "--epochs=1", f"--export_dir={export_dir}", "--epsilon=4",
     ])
     assert summary["method"] == "dp_bitfit_head" and 0 < summary["epsilon"] <= 4.0 + 1e-6
@@ -99,8 +111,6 @@ def test_image_example_offline_digits_transfer(tmp_path):
 
 
 def test_image_example_hub_path_with_local_vit_preset(tmp_path):
-    import train_image_classifier
-
     backbone = keras_hub.models.ViTBackbone(
         image_shape=(32, 32, 3), patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32
     )
@@ -108,9 +118,32 @@ def test_image_example_hub_path_with_local_vit_preset(tmp_path):
     keras_hub.models.ViTImageClassifier(backbone, num_classes=3, preprocessor=None).save_to_preset(preset)
     export_dir = str(tmp_path / "cifar" / "1")
     with tfds.testing.mock_data(num_examples=20):
-        summary, model = _run_example(train_image_classifier, [
+        summary, model = _run_example("train_image_classifier", [
             f"--preset={preset}", "--dataset=cifar10", "--image_size=32", "--epochs=1", "--batch_size=8",
             f"--export_dir={export_dir}", "--method=dp_bitfit",
         ])
     assert summary["steps"] > 0 and summary["trainable_fraction"] < 0.2
     assert model.output_shape[-1] == 10
+
+
+def test_utility_sweep_writes_table_json_and_plot(tmp_path):
+    out = str(tmp_path / "utility")
+    _run_example("utility_sweep", ["--tasks=image", "--methods=bitfit_head,dp_bitfit_head",
+                                   "--epsilons=8,inf", "--image_epochs=1", f"--out={out}"], entry="run")
+    results = json.load(open(out + ".json"))["results"]
+    assert [(r["method"], r["target_epsilon"]) for r in results] == [("bitfit_head", float("inf")), ("dp_bitfit_head", 8.0)]
+    assert results[1]["epsilon"] <= 8.0 + 1e-6
+    table = open(out + ".md").read()
+    assert "| ε=8 | ε=inf |" in table and "dp_bitfit_head" in table
+    assert os.path.getsize(out + ".png") > 10_000
+
+
+def test_recipes_reject_bad_runs():
+    from dp_bitfit_keras import recipes
+
+    data = (np.zeros((8, 2), "float32"), np.zeros(8, "int32"))
+    build = lambda: keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])  # noqa: E731
+    with pytest.raises(ValueError, match="method must be one of"):
+        recipes.train("dpsgd", build, data, data, data)
+    with pytest.raises(ValueError, match="finite target epsilon"):
+        recipes.train("dp_bitfit", build, data, data, data, epsilon=float("inf"))

@@ -1,0 +1,119 @@
+"""The examples' tasks as functions: a model factory and data splits, shared by the example
+binaries and the utility sweep."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import keras
+import numpy as np
+
+from dp_bitfit_keras import datasets, presets, text
+
+
+@dataclasses.dataclass
+class Task:
+    build_model: Callable[[], keras.Model]
+    splits: datasets.Splits  # Model-ready inputs (token dicts or images) and labels.
+    preprocessor: object = None  # Text tasks: the tokenizer/packer, for export.
+    learning_rates: dict = dataclasses.field(default_factory=dict)  # Per-method overrides.
+
+    def learning_rate(self, method: str) -> float:
+        from dp_bitfit_keras import recipes
+
+        return self.learning_rates.get(method) or recipes.default_learning_rate(method)
+
+
+# The small digits CNN takes larger steps than a BERT (tuned on the validation split).
+DIGITS_LEARNING_RATES = {
+    "full": 1e-3, "dp_full": 2e-3, "bitfit": 2e-2, "bitfit_head": 2e-2, "dp_bitfit": 2e-2, "dp_bitfit_head": 2e-2,
+}
+
+
+def text_task(preset="offline-minilm", dataset="tweets_binary", max_examples=None, sequence_length=64, pooling="mean") -> Task:
+    """A BERT classifier task; `preset="offline-minilm"` is the packaged pretrained MiniLM."""
+    preset = presets.minilm_preset_dir() if preset == "offline-minilm" else preset
+    if dataset in ("tweets", "tweets_binary"):
+        data = datasets.tweet_sentiment(binary=dataset == "tweets_binary", max_examples=max_examples)
+    else:
+        data = datasets.tfds_text(dataset, max_examples=max_examples)
+    preprocessor = text.load_preprocessor(preset, sequence_length)
+    tokenized = datasets.Splits(
+        *[(text.tokenize(preprocessor, x), y) for x, y in (data.train, data.validation, data.test)],
+        class_names=data.class_names,
+    )
+
+    def build_model():
+        import keras_hub
+
+        backbone = keras_hub.models.BertBackbone.from_preset(preset)
+        return text.bert_classifier(backbone, data.num_classes, pooling=pooling)
+
+    return Task(build_model, tokenized, preprocessor)
+
+
+def digits_cnn(num_classes: int) -> keras.Model:
+    """A small CNN with GroupNormalization (per-example gradients stay defined)."""
+    return keras.Sequential([
+        keras.Input((8, 8, 1)),
+        keras.layers.Conv2D(32, 3, padding="same"), keras.layers.GroupNormalization(8), keras.layers.Activation("relu"),
+        keras.layers.Conv2D(64, 3, padding="same", strides=2), keras.layers.GroupNormalization(8), keras.layers.Activation("relu"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(64, activation="relu", name="features"),
+        keras.layers.Dense(num_classes, name="logits"),
+    ])
+
+
+def digits_transfer_task(pretrain_epochs: int = 30, seed: int = 0, verbose: bool = True) -> Task:
+    """Public pretraining on digits 0-4 (non-private), private fine-tuning task on digits 5-9.
+
+    The private half's images never touch the pretraining; its split is the fixed 80/10/10.
+    """
+    x, y = datasets.digits()
+    public = y < 5
+    keras.utils.set_random_seed(seed)
+    pretrained = digits_cnn(5)
+    pretrained.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"], jit_compile=True,
+    )
+    pretrained.fit(x[public], y[public], batch_size=64, epochs=pretrain_epochs, verbose=0)
+    if verbose:
+        accuracy = pretrained.evaluate(x[public], y[public], verbose=0)[1]
+        print(f"public pretraining on digits 0-4 ({int(public.sum())} images): accuracy {accuracy:.3f}")
+    body = keras.Model(pretrained.inputs, pretrained.get_layer("features").output)
+
+    def build_model():
+        clone = keras.models.clone_model(body)
+        clone.set_weights(body.get_weights())
+        return keras.Model(clone.inputs, keras.layers.Dense(5, name="logits")(clone.output))
+
+    splits = datasets.split_80_10_10(x[~public], y[~public] - 5, [str(d) for d in range(5, 10)])
+    return Task(build_model, splits, learning_rates=DIGITS_LEARNING_RATES)
+
+
+def hub_image_task(preset: str, dataset: str, image_size: int = 224, max_examples=None, seed: int = 0) -> Task:
+    """A keras-hub image classifier preset (fresh head) on a TFDS image classification set."""
+    import keras_hub
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(dataset)
+    builder.download_and_prepare()
+    class_names = list(builder.info.features["label"].names)
+    images, labels = [], []
+    for split in list(builder.info.splits) or ["train", "test"]:
+        for ex in tfds.as_numpy(builder.as_dataset(split=split)):
+            if max_examples and len(labels) >= max_examples:
+                break
+            images.append(tf.image.resize(ex["image"], (image_size, image_size)).numpy() / 255.0)
+            labels.append(int(ex["label"]))
+    splits = datasets.split_80_10_10(np.stack(images).astype(np.float32), np.array(labels, np.int32), class_names)
+
+    def build_model():
+        keras.utils.set_random_seed(seed)
+        # The preset's own classifier class (e.g. ViTImageClassifier), with a fresh head.
+        return keras_hub.models.ImageClassifier.from_preset(preset, num_classes=len(class_names), preprocessor=None)
+
+    return Task(build_model, splits)

@@ -1,0 +1,138 @@
+"""Accuracy against ε for every method on the offline tasks: JSON, a Markdown table and a plot.
+
+    uv run python examples/utility_sweep.py --tasks=image --out=results/utility
+    uv run python examples/utility_sweep.py --tasks=text,image --text_max_examples=6000 --out=results/utility
+
+Private methods run at each finite ε; non-private ones (`bitfit`, `full`) once, as ε = ∞. Same
+seed, data split and model for all; each task's data (and the digits' public pretraining) is
+prepared once.
+"""
+
+import json
+import math
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+from dp_bitfit_keras import recipes, tasks  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("tasks", ["text", "image"], "Offline tasks: text (tweets_binary, MiniLM), image (digits transfer).")
+flags.DEFINE_list("epsilons", ["1", "3", "8", "inf"], "Target ε values; inf = the non-private methods.")
+flags.DEFINE_list("methods", list(recipes.METHODS), "Methods.")
+flags.DEFINE_integer("text_max_examples", 6000, "Labelled tweets used (0: all 23,140).")
+flags.DEFINE_integer("text_epochs", 1, "Epochs on the text task.")
+flags.DEFINE_integer("text_batch_size", 128, "Expected batch size on the text task.")
+flags.DEFINE_integer("image_epochs", 30, "Epochs on the image task.")
+flags.DEFINE_integer("image_batch_size", 64, "Expected batch size on the image task.")
+flags.DEFINE_integer("seed", 0, "Seed.")
+flags.DEFINE_string("out", "results/utility", "Output prefix: writes <out>.json, <out>.md, <out>.png.")
+
+
+def _runs(methods, epsilons):
+    for method in methods:
+        private = recipes.METHODS[method][1]
+        for eps in epsilons:
+            if private == math.isfinite(eps):
+                yield method, eps
+
+
+def sweep(task_name, task, epochs, batch_size):
+    rows = []
+    epsilons = [float(e) for e in FLAGS.epsilons]
+    for method, eps in _runs(FLAGS.methods, epsilons):
+        print(f"== {task_name}: {method} at ε = {eps:g}", flush=True)
+        result = recipes.train(
+            method, task.build_model, task.splits.train, task.splits.validation, task.splits.test,
+            epsilon=eps if math.isfinite(eps) else 1.0, epochs=epochs, batch_size=batch_size,
+            learning_rate=task.learning_rate(method), seed=FLAGS.seed, verbose=0,
+        )
+        row = dict(result.as_dict(), task=task_name, target_epsilon=eps)
+        print(json.dumps({k: row[k] for k in ("method", "target_epsilon", "epsilon", "validation_accuracy", "test_accuracy", "ms_per_step")}), flush=True)
+        rows.append(row)
+    return rows
+
+
+def markdown(rows):
+    epsilons = sorted({r["target_epsilon"] for r in rows})
+    header = "| task | method | " + " | ".join(f"ε={e:g}" for e in epsilons) + " |"
+    lines = [header, "|" + "---|" * (2 + len(epsilons))]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        for method in dict.fromkeys(r["method"] for r in rows if r["task"] == task):
+            cells = {r["target_epsilon"]: f"{100 * r['test_accuracy']:.1f}" for r in rows if r["task"] == task and r["method"] == method}
+            lines.append(f"| {task} | {method} | " + " | ".join(cells.get(e, "") for e in epsilons) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    task_names = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(task_names), figsize=(5.5 * len(task_names), 4), squeeze=False)
+    # A private method and its non-private twin share a colour: solid line vs dashed level.
+    colours = {"bitfit": "C0", "bitfit_head": "C1", "full": "C2"}
+    for ax, task in zip(axes[0], task_names):
+        epsilons = sorted({r["target_epsilon"] for r in rows if r["task"] == task and math.isfinite(r["target_epsilon"])})
+        for method in dict.fromkeys(r["method"] for r in rows if r["task"] == task):
+            points = sorted((r["target_epsilon"], r["test_accuracy"]) for r in rows if r["task"] == task and r["method"] == method)
+            colour = colours[method.removeprefix("dp_")]
+            if math.isinf(points[0][0]):
+                ax.axhline(points[0][1], linestyle="--", color=colour, label=f"{method} (non-private)")
+            else:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=colour, label=method)
+        ax.set_xscale("log")
+        ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
+        ax.minorticks_off()
+        ax.set_xlabel("ε (δ = 1/(2n))")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(task)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def replot(json_path):
+    """Re-renders the table and plot from a results JSON (no training)."""
+    rows = json.load(open(json_path))["results"]
+    for r in rows:
+        r["target_epsilon"] = float(r["target_epsilon"])
+    prefix = json_path[: -len(".json")]
+    with open(prefix + ".md", "w") as f:
+        f.write(markdown(rows))
+    plot(rows, prefix + ".png")
+
+
+def main(_):
+    run()
+
+
+def run():
+    """Runs the sweep named by the flags; writes <out>.json, .md, .png; returns the rows."""
+    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+    rows = []
+    for name in FLAGS.tasks:
+        if name == "text":
+            task = tasks.text_task(max_examples=FLAGS.text_max_examples or None)
+            rows += sweep("text: tweets_binary, MiniLM-L6", task, FLAGS.text_epochs, FLAGS.text_batch_size)
+        elif name == "image":
+            task = tasks.digits_transfer_task(seed=FLAGS.seed)
+            rows += sweep("image: digits 5-9, CNN pretrained on 0-4", task, FLAGS.image_epochs, FLAGS.image_batch_size)
+        else:
+            raise app.UsageError(f"Unknown task {name!r}: use text and/or image.")
+        with open(FLAGS.out + ".json", "w") as f:  # After each task: nothing lost on a crash.
+            json.dump({"flags": FLAGS.flag_values_dict(), "results": rows}, f, indent=1, default=str)
+    with open(FLAGS.out + ".md", "w") as f:
+        f.write(markdown(rows))
+    plot(rows, FLAGS.out + ".png")
+    print(markdown(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    app.run(main)

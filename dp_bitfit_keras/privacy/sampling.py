@@ -11,10 +11,8 @@ so the compiled training step sees one shape and never retraces.
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 
-import numpy as np
 import tensorflow as tf
 from scipy import stats
 
@@ -35,16 +33,13 @@ class PoissonSampler:
     num_examples: int
     sampling_rate: float
     max_batch_size: int
+    steps_per_epoch: int
     seed: int
     step: tf.Variable
 
     @property
     def expected_batch_size(self) -> float:
         return self.num_examples * self.sampling_rate
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return max(1, round(1.0 / self.sampling_rate))
 
 
 def _materialize(data):
@@ -115,6 +110,7 @@ def poisson_batches(
         num_examples=n,
         sampling_rate=float(sampling_rate),
         max_batch_size=int(max_batch_size),
+        steps_per_epoch=int(steps_per_epoch),
         seed=seed,
         step=tf.Variable(0, dtype=tf.int64, trainable=False, name="poisson_step"),
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 
 import numpy as np
 
@@ -78,25 +79,33 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     return (data.images[..., None] / 16.0).astype(np.float32), data.target.astype(np.int32)
 
 
+def tfds_labelled_examples(name, max_examples=None, data_dir=None, fallback_splits=("train", "validation", "test")):
+    """`(features, examples)`: the first `max_examples` labelled examples (as numpy) of all splits
+    of a TFDS data set, downloaded and prepared once. Hidden labels (-1, GLUE's test) are skipped."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    builder.download_and_prepare()
+    splits = list(builder.info.splits) or list(fallback_splits)
+    examples = (
+        example
+        for split in splits
+        for example in tfds.as_numpy(builder.as_dataset(split=split))
+        if example["label"] >= 0
+    )
+    return builder.info.features, itertools.islice(examples, max_examples)
+
+
 def tfds_text(name: str, max_examples: int | None = None, data_dir: str | None = None) -> Splits:
     """A TFDS text classification data set, e.g. `glue/sst2` (needs the network once).
 
     Uses the first string feature as text and `label` as label. The labelled splits are pooled
     and split 80/10/10 (GLUE's test labels are hidden, so its test split is not used).
     """
-    import tensorflow_datasets as tfds
-
-    builder = tfds.builder(name, data_dir=data_dir)
-    builder.download_and_prepare()
-    features = builder.info.features
+    features, examples = tfds_labelled_examples(name, max_examples, data_dir)
     text_key = next(k for k, v in features.items() if getattr(v, "np_dtype", None) == np.object_)
-    class_names = list(features["label"].names)
     texts, labels = [], []
-    for split in list(builder.info.splits) or ["train", "validation", "test"]:
-        for example in tfds.as_numpy(builder.as_dataset(split=split)):
-            if max_examples and len(labels) >= max_examples:
-                break
-            if example["label"] >= 0:  # GLUE's test labels are hidden (-1).
-                texts.append(example[text_key].decode("utf-8"))
-                labels.append(int(example["label"]))
-    return split_80_10_10(np.array(texts, dtype=object), np.array(labels, dtype=np.int32), class_names)
+    for example in examples:
+        texts.append(example[text_key].decode("utf-8"))
+        labels.append(int(example["label"]))
+    return split_80_10_10(np.array(texts, dtype=object), np.array(labels, dtype=np.int32), list(features["label"].names))

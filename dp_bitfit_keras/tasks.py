@@ -9,7 +9,7 @@ from typing import Callable
 import keras
 import numpy as np
 
-from dp_bitfit_keras import datasets, presets, text
+from dp_bitfit_keras import datasets, presets, recipes, text
 
 
 @dataclasses.dataclass
@@ -20,8 +20,6 @@ class Task:
     learning_rates: dict = dataclasses.field(default_factory=dict)  # Per-method overrides.
 
     def learning_rate(self, method: str) -> float:
-        from dp_bitfit_keras import recipes
-
         return self.learning_rates.get(method) or recipes.default_learning_rate(method)
 
 
@@ -97,18 +95,13 @@ def hub_image_task(preset: str, dataset: str, image_size: int = 224, max_example
     """A keras-hub image classifier preset (fresh head) on a TFDS image classification set."""
     import keras_hub
     import tensorflow as tf
-    import tensorflow_datasets as tfds
 
-    builder = tfds.builder(dataset)
-    builder.download_and_prepare()
-    class_names = list(builder.info.features["label"].names)
+    features, examples = datasets.tfds_labelled_examples(dataset, max_examples, fallback_splits=("train", "test"))
+    class_names = list(features["label"].names)
     images, labels = [], []
-    for split in list(builder.info.splits) or ["train", "test"]:
-        for ex in tfds.as_numpy(builder.as_dataset(split=split)):
-            if max_examples and len(labels) >= max_examples:
-                break
-            images.append(tf.image.resize(ex["image"], (image_size, image_size)).numpy() / 255.0)
-            labels.append(int(ex["label"]))
+    for ex in examples:
+        images.append(tf.image.resize(ex["image"], (image_size, image_size)).numpy() / 255.0)
+        labels.append(int(ex["label"]))
     splits = datasets.split_80_10_10(np.stack(images).astype(np.float32), np.array(labels, np.int32), class_names)
 
     def build_model():

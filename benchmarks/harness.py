@@ -1,0 +1,391 @@
+"""Benchmark harness: every training mode on one model, in one process, as ratios.
+
+Import this module before TensorFlow (the binaries in this folder do): it points XLA's dump of
+buffer assignments at a temporary folder, restricted to the memory probe's modules, so the
+peak memory of a compiled step can be read on CPU, where TF has no allocator statistics.
+
+Memory on CPU is XLA's own figure for the compiled train step ("Total bytes used" of its
+buffer assignment: arguments incl. weights and optimizer slots, temporaries at their peak
+liveness, outputs). It is exact for the step and needs only a compile, which is how the batch
+sweep can probe batches that would take minutes to run. On GPU it is the allocator's peak
+(`tf.config.experimental.get_memory_info`).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import tempfile
+import time
+
+_DUMP_DIR = os.environ.get("DPK_BENCH_XLA_DUMP") or tempfile.mkdtemp(prefix="dpk_bench_xla_")
+if "xla_dump_to" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + f" --xla_dump_to={_DUMP_DIR} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*memory_probe.*"
+    ).strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import keras_hub  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import dp_bitfit_keras as dpk  # noqa: E402
+
+tf.get_logger().setLevel("ERROR")  # per-mode retracing notices: each mode is its own function
+
+SHAPES = {
+    "small": dict(model="bert", batch=16, seq=128, layers=2, hidden=256),
+    "big": dict(model="bert", batch=32, seq=256, layers=4, hidden=512),
+    # ViT-Small-like width on 96x96 images (36 patches of 16x16 + class token), 4 layers.
+    "vit": dict(model="vit", batch=16, image=96, patch=16, layers=4, hidden=384),
+    "tiny": dict(model="bert", batch=4, seq=16, layers=1, hidden=32),
+    "tiny_vit": dict(model="vit", batch=4, image=16, patch=8, layers=1, hidden=32),
+}
+
+# mode: (variables, private). More families register themselves in MODE_BUILDERS.
+MODES = {
+    "full": ("all", False),
+    "bitfit": ("bias", False),
+    "dp_bitfit": ("bias", True),
+    "dp_bitfit_head": ("bias+head", True),
+    "dp_full": ("all", True),
+}
+RATIOS = [
+    ("dp_bitfit", "bitfit"),
+    ("dp_bitfit", "full"),
+    ("dp_full", "dp_bitfit"),
+    ("dp_full", "full"),
+    ("dp_bitfit_head", "dp_bitfit"),
+]
+VOCAB = 30522
+
+
+def gpu() -> bool:
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def device_name() -> str:
+    if gpu():
+        details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])
+        return details.get("device_name", "GPU")
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def build_base(shape: dict) -> keras.Model:
+    """A random-init keras-hub task model of the shape (same seed: same weights every call)."""
+    keras.utils.set_random_seed(0)
+    if shape["model"] == "bert":
+        backbone = keras_hub.models.BertBackbone(
+            vocabulary_size=VOCAB, num_layers=shape["layers"], num_heads=max(shape["hidden"] // 64, 1),
+            hidden_dim=shape["hidden"], intermediate_dim=4 * shape["hidden"],
+            max_sequence_length=shape["seq"],
+        )
+        return keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None)
+    if shape["model"] == "vit":
+        backbone = keras_hub.models.ViTBackbone(
+            image_shape=(shape["image"], shape["image"], 3), patch_size=shape["patch"],
+            num_layers=shape["layers"], num_heads=max(shape["hidden"] // 64, 1),
+            hidden_dim=shape["hidden"], mlp_dim=4 * shape["hidden"],
+        )
+        model = keras_hub.models.ViTImageClassifier(backbone, num_classes=10, preprocessor=None)
+        model(tf.zeros((1, shape["image"], shape["image"], 3)))
+        return model
+    raise ValueError(f"unknown model kind {shape['model']!r}")
+
+
+def batch(shape: dict, batch_size: int | None = None):
+    """A fixed synthetic batch (timing and memory do not depend on the values)."""
+    b = batch_size or shape["batch"]
+    if shape["model"] == "bert":
+        t = shape["seq"]
+        x = {
+            "token_ids": tf.random.stateless_uniform((b, t), (1, 2), 1, VOCAB, tf.int32),
+            "segment_ids": tf.zeros((b, t), tf.int32),
+            "padding_mask": tf.ones((b, t), tf.bool),
+        }
+        return x, tf.random.stateless_uniform((b,), (3, 4), 0, 2, tf.int32)
+    s = shape["image"]
+    x = tf.random.stateless_uniform((b, s, s, 3), (1, 2))
+    return x, tf.random.stateless_uniform((b,), (3, 4), 0, 10, tf.int32)
+
+
+def _loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _build_standard(shape, mode):
+    trainable, private = MODES[mode]
+    base = build_base(shape)
+    if private:
+        model = dpk.DPModel(base, trainable=trainable)
+        model.compile(
+            optimizer=dpk.DPOptimizer(keras.optimizers.Adam(1e-3), l2_norm_clip=1.0, noise_multiplier=1.0, seed=0),
+            loss=_loss(),
+        )
+        model.optimizer.build(model.trainable_variables)
+        model.optimizer.begin_run(
+            sampling_rate=shape["batch"] / 10000, expected_batch_size=shape["batch"], planned_steps=100
+        )
+        return model
+    dpk.selection.apply_selection(base, dpk.select_variables(base, trainable))
+    base.compile(optimizer=keras.optimizers.Adam(1e-3), loss=_loss(), jit_compile=True)
+    return base
+
+
+# mode -> builder(shape, mode) returning a compiled model whose train_on_batch / train_step is
+# one step of that mode. Other method families add theirs here.
+MODE_BUILDERS = {mode: _build_standard for mode in MODES}
+
+
+def build(shape: dict, mode: str) -> keras.Model:
+    if mode not in MODE_BUILDERS:
+        raise ValueError(f"unknown mode {mode!r}; known: {sorted(MODE_BUILDERS)}")
+    return MODE_BUILDERS[mode](shape, mode)
+
+
+def trainable_params(model) -> int:
+    return int(sum(np.prod(v.shape) for v in model.trainable_variables))
+
+
+_TOTAL = re.compile(r"Total bytes used: (\d+)")
+
+
+def xla_step_memory_mb(model, x, y) -> float | None:
+    """Peak memory of `model.train_step` compiled by XLA (compile only, nothing runs).
+
+    None when XLA's dump is not configured (this module imported after TF compiled anything).
+    """
+    before = set(glob.glob(os.path.join(_DUMP_DIR, "*memory-usage-report.txt")))
+
+    def memory_probe(x, y):
+        return model.train_step((x, y))
+
+    fn = tf.function(memory_probe, jit_compile=True)
+    fn.experimental_get_compiler_ir(x, y)(stage="optimized_hlo")
+    new = set(glob.glob(os.path.join(_DUMP_DIR, "*memory-usage-report.txt"))) - before
+    totals = []
+    for path in new:
+        with open(path) as f:
+            match = _TOTAL.search(f.read(4096))
+        if match:
+            totals.append(int(match.group(1)))
+        os.remove(path)
+    return max(totals) / 2**20 if totals else None
+
+
+def run_modes(shape: dict, modes, repeats: int = 5, warmup: int = 2, log=print) -> dict:
+    """Times the modes interleaved on one batch; returns the report (JSON shape of the issue)."""
+    x, y = batch(shape)
+    runners, info = {}, {}
+    for mode in modes:
+        log(f"[{mode}] build + compile ...")
+        if gpu():
+            tf.config.experimental.reset_memory_stats("GPU:0")
+        model = build(shape, mode)
+        for _ in range(warmup):
+            model.train_on_batch(x, y)
+        fallback = bool(dpk.last_pfor_fallbacks()) if isinstance(model, dpk.DPModel) else False
+        if gpu():
+            peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+        else:
+            peak = xla_step_memory_mb(model, x, y)
+        runners[mode] = model
+        info[mode] = dict(trainable_params=trainable_params(model), pfor_fallback=fallback, peak_mem_mb=peak, times=[])
+    for i in range(repeats):
+        log(f"timing round {i + 1}/{repeats}")
+        for mode, model in runners.items():
+            start = time.perf_counter()
+            model.train_on_batch(x, y)
+            info[mode]["times"].append(time.perf_counter() - start)
+    results = []
+    for mode in modes:
+        r = info[mode]
+        ms = 1e3 * float(np.median(r["times"]))
+        results.append({
+            "mode": mode,
+            "ms_per_step": round(ms, 2),
+            "examples_per_s": round(shape["batch"] / ms * 1e3, 1),
+            "peak_mem_mb": None if r["peak_mem_mb"] is None else round(r["peak_mem_mb"], 1),
+            "trainable_params": r["trainable_params"],
+            "pfor_fallback": r["pfor_fallback"],
+        })
+    return {"shape": dict(shape), "device": device_name(), "results": results, "ratios": ratios(results)}
+
+
+def ratios(results) -> dict:
+    by = {r["mode"]: r["ms_per_step"] for r in results}
+    mem = {r["mode"]: r["peak_mem_mb"] for r in results}
+    out = {}
+    for a, b in RATIOS + EXTRA_RATIOS:
+        if a in by and b in by:
+            out[f"{a}/{b}"] = round(by[a] / by[b], 3)
+    if mem.get("dp_bitfit") and mem.get("bitfit"):
+        out["mem dp_bitfit/bitfit"] = round(mem["dp_bitfit"] / mem["bitfit"], 3)
+    return out
+
+
+EXTRA_RATIOS: list = []  # other families append (a, b) pairs
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"Shape: {json.dumps(report['shape'])}; device: {report['device']}",
+        "",
+        "| mode | ms/step | examples/s | peak MB | trainable params | pfor fallback |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in report["results"]:
+        mem = "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
+        lines.append(
+            f"| {r['mode']} | {r['ms_per_step']:.1f} | {r['examples_per_s']:.1f} | {mem} | "
+            f"{r['trainable_params']:,} | {r['pfor_fallback']} |"
+        )
+    lines += ["", "Ratios (step time): " + ", ".join(f"{k} = {v}" for k, v in report["ratios"].items())]
+    return "\n".join(lines) + "\n"
+
+
+# --- Sweeps ---------------------------------------------------------------------------------
+
+
+def seq_sweep(shape: dict, modes, seqs, repeats=3, warmup=1, log=print) -> dict:
+    """`run_modes` at each sequence length (BERT shapes)."""
+    reports = []
+    for t in seqs:
+        log(f"== seq {t}")
+        reports.append(run_modes(dict(shape, seq=int(t)), modes, repeats=repeats, warmup=warmup, log=log))
+    return {"sweep": "seq", "reports": reports}
+
+
+def largest_batch(shape: dict, mode: str, cap_mb: float, probes=(8, 16), log=print) -> dict:
+    """Largest batch whose compiled step fits in `cap_mb` (XLA's buffer assignment; compile only).
+
+    Memory is affine in the batch size: fit it on two probe batches, jump to the predicted
+    largest batch, and correct downwards until the compiled step fits.
+    """
+    model = build(shape, mode)
+    model.train_on_batch(*batch(shape, 2))  # builds the optimizer's slots
+    mem = {b: xla_step_memory_mb(model, *batch(shape, b)) for b in probes}
+    if any(v is None for v in mem.values()):
+        raise RuntimeError("XLA memory dump not available: import harness before TensorFlow.")
+    b0, b1 = probes
+    per_example = (mem[b1] - mem[b0]) / (b1 - b0)
+    fixed = mem[b0] - b0 * per_example
+    guess = max(1, int((cap_mb - fixed) / max(per_example, 1e-9)))
+    for _ in range(6):
+        used = xla_step_memory_mb(model, *batch(shape, guess))
+        log(f"[{mode}] batch {guess}: {used:.0f} MB (cap {cap_mb:.0f})")
+        if used <= cap_mb:
+            break
+        guess = max(1, int(guess * min(0.99, (cap_mb - fixed) / (used - fixed))))
+    else:
+        raise RuntimeError(f"could not fit {mode} under {cap_mb} MB")
+    return {
+        "mode": mode,
+        "largest_batch": guess,
+        "mem_at_largest_mb": round(used, 1),
+        "mb_per_example": round(per_example, 3),
+        "fixed_mb": round(fixed, 1),
+    }
+
+
+def batch_sweep(shape: dict, modes, cap_mb: float, log=print) -> dict:
+    results = [largest_batch(shape, m, cap_mb, log=log) for m in modes]
+    by = {r["mode"]: r["largest_batch"] for r in results}
+    ratios = {}
+    for a, b in [("dp_bitfit", "dp_full"), ("dp_bitfit", "bitfit"), ("dp_full", "full")]:
+        if a in by and b in by:
+            ratios[f"largest_batch {a}/{b}"] = round(by[a] / by[b], 2)
+    return {"sweep": "batch", "shape": dict(shape), "device": device_name(), "memory_cap_mb": cap_mb,
+            "results": results, "ratios": ratios}
+
+
+def seq_markdown(sweep: dict) -> str:
+    modes = [r["mode"] for r in sweep["reports"][0]["results"]]
+    lines = ["| seq | " + " | ".join(f"{m} ms / MB" for m in modes) + " |", "|---" * (len(modes) + 1) + "|"]
+    for rep in sweep["reports"]:
+        cells = [f"{r['ms_per_step']:.0f} / {r['peak_mem_mb'] or float('nan'):.0f}" for r in rep["results"]]
+        lines.append(f"| {rep['shape']['seq']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def batch_markdown(sweep: dict) -> str:
+    lines = [
+        f"Largest batch under {sweep['memory_cap_mb']:.0f} MB ({sweep['device']}, shape {json.dumps(sweep['shape'])})",
+        "",
+        "| mode | largest batch | MB at that batch | MB per example | fixed MB |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in sweep["results"]:
+        lines.append(f"| {r['mode']} | {r['largest_batch']} | {r['mem_at_largest_mb']:.0f} | {r['mb_per_example']:.2f} | {r['fixed_mb']:.0f} |")
+    lines += ["", ", ".join(f"{k} = {v}" for k, v in sweep["ratios"].items())]
+    return "\n".join(lines) + "\n"
+
+
+# --- Plots --------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_report(report: dict, path: str):
+    plt = _pyplot()
+    modes = [r["mode"] for r in report["results"]]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in [(axes[0], "ms_per_step", "ms / step"), (axes[1], "peak_mem_mb", "peak memory (MB)")]:
+        values = [r[key] or 0 for r in report["results"]]
+        bars = ax.bar(modes, values, color=["#888" if not m.startswith("dp") else "#1f77b4" for m in modes])
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        ax.set_ylabel(label)
+        ax.tick_params(axis="x", rotation=30)
+    s = report["shape"]
+    fig.suptitle(f"{s.get('model')} {json.dumps({k: v for k, v in s.items() if k != 'model'})} — {report['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_seq(sweep: dict, path: str):
+    plt = _pyplot()
+    seqs = [rep["shape"]["seq"] for rep in sweep["reports"]]
+    modes = [r["mode"] for r in sweep["reports"][0]["results"]]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for mode in modes:
+        rows = [next(r for r in rep["results"] if r["mode"] == mode) for rep in sweep["reports"]]
+        axes[0].plot(seqs, [r["ms_per_step"] for r in rows], marker="o", label=mode)
+        axes[1].plot(seqs, [r["peak_mem_mb"] for r in rows], marker="o", label=mode)
+    for ax, label in [(axes[0], "ms / step"), (axes[1], "peak memory (MB)")]:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(seqs, [str(s) for s in seqs])
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"time and memory vs sequence length — {sweep['reports'][0]['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_batch(sweep: dict, path: str):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    modes = [r["mode"] for r in sweep["results"]]
+    bars = ax.bar(modes, [r["largest_batch"] for r in sweep["results"]])
+    ax.bar_label(bars, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel(f"largest batch under {sweep['memory_cap_mb']:.0f} MB")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

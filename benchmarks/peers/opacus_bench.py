@@ -1,0 +1,165 @@
+"""PyTorch + Opacus on the same BERT shape as `benchmarks/train_step.py`, same JSON format.
+
+    cd benchmarks/peers && uv run python opacus_bench.py --shape=small --out=../results/cpu_small_opacus.json
+
+Modes: `torch_full` (non-private full fine-tuning), `torch_bitfit` (non-private, biases only),
+`opacus_dp_bitfit` (Opacus DP-SGD on the biases), `opacus_dp_full` (Opacus DP-SGD on all
+weights). Model: Hugging Face `BertForSequenceClassification`, random init, the shape's layers,
+hidden size, heads = hidden/64, intermediate 4x hidden, vocabulary 30,522, 2 classes — the
+keras-hub model of the main harness. Adam, one fixed batch, modes interleaved over the timed
+repetitions, warm-up excluded, all CPU threads.
+
+Memory: each mode runs once more in a fresh child process, which reports its peak RSS minus its
+RSS just before the first step (model, optimizer and batch already built). PyTorch has no CPU
+allocator statistics; this is coarser than the main harness's XLA figure, so compare memory
+*ratios within* each framework, not MB across them.
+"""
+
+import json
+import multiprocessing
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+from absl import app, flags
+
+SHAPES = {
+    "small": dict(model="bert", batch=16, seq=128, layers=2, hidden=256),
+    "big": dict(model="bert", batch=32, seq=256, layers=4, hidden=512),
+    "tiny": dict(model="bert", batch=4, seq=16, layers=1, hidden=32),
+}
+MODES = ("torch_full", "torch_bitfit", "opacus_dp_bitfit", "opacus_dp_full")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("shape", "small", list(SHAPES), "Model/batch shape (same names as the main harness).")
+flags.DEFINE_list("modes", list(MODES), "Modes to run.")
+flags.DEFINE_integer("repeats", 5, "Timed steps per mode (interleaved).")
+flags.DEFINE_integer("warmup", 2, "Untimed steps per mode first.")
+flags.DEFINE_bool("memory", True, "Measure each mode's peak RSS in a child process.")
+flags.DEFINE_string("out", None, "Write the JSON results here.")
+
+
+def build(shape, mode):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
+        num_attention_heads=max(shape["hidden"] // 64, 1), intermediate_size=4 * shape["hidden"],
+        max_position_embeddings=shape["seq"], num_labels=2, attn_implementation="eager",
+    )
+    model = BertForSequenceClassification(config)
+    model.train()
+    if mode.endswith("bitfit"):
+        for name, p in model.named_parameters():
+            p.requires_grad = name.endswith(".bias")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    if mode.startswith("opacus"):
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        model = GradSampleModule(model)
+        optimizer = DPOptimizer(optimizer, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=shape["batch"])
+    return model, optimizer, sum(p.numel() for p in params)
+
+
+def make_batch(shape):
+    g = torch.Generator().manual_seed(1)
+    b, t = shape["batch"], shape["seq"]
+    ids = torch.randint(1, 30522, (b, t), generator=g)
+    # position_ids with the batch dimension: Opacus needs every per-sample gradient batched.
+    positions = torch.arange(t).expand(b, t).contiguous()
+    x = dict(input_ids=ids, token_type_ids=torch.zeros_like(ids), attention_mask=torch.ones_like(ids), position_ids=positions)
+    return x, torch.randint(0, 2, (b,), generator=g)
+
+
+def step(model, optimizer, x, y):
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(**x).logits
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    optimizer.step()
+
+
+def _rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _memory_child(shape, mode, warmup, queue):
+    torch.set_num_threads(os.cpu_count())
+    model, optimizer, _ = build(shape, mode)
+    x, y = make_batch(shape)
+    before = _rss_mb()
+    for _ in range(max(warmup, 1)):
+        step(model, optimizer, x, y)
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
+
+
+def peak_rss_delta_mb(shape, mode, warmup):
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_memory_child, args=(shape, mode, warmup, queue))
+    proc.start()
+    value = queue.get()
+    proc.join()
+    return value
+
+
+def main(_):
+    torch.set_num_threads(os.cpu_count())
+    shape = dict(SHAPES[FLAGS.shape], name=FLAGS.shape)
+    x, y = make_batch(shape)
+    runners, info = {}, {}
+    for mode in FLAGS.modes:
+        print(f"[{mode}] build + warm-up", file=sys.stderr, flush=True)
+        model, optimizer, n = build(shape, mode)
+        for _ in range(FLAGS.warmup):
+            step(model, optimizer, x, y)
+        runners[mode] = (model, optimizer)
+        info[mode] = dict(trainable_params=int(n), times=[])
+    for i in range(FLAGS.repeats):
+        print(f"timing round {i + 1}/{FLAGS.repeats}", file=sys.stderr, flush=True)
+        for mode, (model, optimizer) in runners.items():
+            start = time.perf_counter()
+            step(model, optimizer, x, y)
+            info[mode]["times"].append(time.perf_counter() - start)
+    del runners
+    results = []
+    for mode in FLAGS.modes:
+        ms = 1e3 * float(np.median(info[mode]["times"]))
+        mem = peak_rss_delta_mb(shape, mode, FLAGS.warmup) if FLAGS.memory else None
+        results.append({
+            "mode": mode,
+            "ms_per_step": round(ms, 2),
+            "examples_per_s": round(shape["batch"] / ms * 1e3, 1),
+            "peak_mem_mb": None if mem is None else round(mem, 1),
+            "trainable_params": info[mode]["trainable_params"],
+            "pfor_fallback": False,
+        })
+    by = {r["mode"]: r["ms_per_step"] for r in results}
+    ratios = {}
+    for a, b in [("opacus_dp_bitfit", "torch_bitfit"), ("opacus_dp_bitfit", "torch_full"),
+                 ("opacus_dp_full", "opacus_dp_bitfit"), ("opacus_dp_full", "torch_full")]:
+        if a in by and b in by:
+            ratios[f"{a}/{b}"] = round(by[a] / by[b], 3)
+    report = {
+        "shape": shape,
+        "device": f"CPU ({os.cpu_count()} cores), PyTorch {torch.__version__}",
+        "results": results,
+        "ratios": ratios,
+    }
+    print("| mode | ms/step | examples/s | peak RSS delta MB | trainable params |\n|---|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['mode']} | {r['ms_per_step']:.1f} | {r['examples_per_s']:.1f} | {r['peak_mem_mb']} | {r['trainable_params']:,} |")
+    print(json.dumps(ratios))
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,5 +1,6 @@
 """dp_bitfit_keras: differentially private bias-term fine-tuning (DP-BiTFiT) for Keras 3 on TF."""
 
+from dp_bitfit_keras import methods
 from dp_bitfit_keras.callbacks import PrivacyCallback
 from dp_bitfit_keras.gradients import PforFallbackError
 from dp_bitfit_keras.gradients import PforFallbackWarning
@@ -26,6 +27,7 @@ __all__ = [
     "compute_epsilon",
     "last_pfor_fallbacks",
     "max_batch_size_for",
+    "methods",
     "noise_multiplier_for_epsilon",
     "per_example_gradients",
     "poisson_batches",

@@ -186,8 +186,12 @@ def per_example_gradients(
 
 
 @tf.autograph.experimental.do_not_convert
-def _per_example(model, loss_fn, x, y, variables=None, sample_weight=None, *, training=True, on_fallback="warn"):
-    """`per_example_gradients`, also returning the per-example losses `[batch]` and outputs."""
+def _per_example(model, loss_fn, x, y, variables=None, sample_weight=None, *, training=True, on_fallback="warn", loss_scale=None):
+    """`per_example_gradients`, also returning the per-example losses `[batch]` and outputs.
+
+    `loss_scale`: multiply each loss by this before differentiating and divide the gradients
+    (in float32) after: loss scaling for float16 models, without a data-dependent skip.
+    """
     if on_fallback not in ("warn", "error", "ignore"):
         raise ValueError(f"on_fallback must be 'warn', 'error' or 'ignore'; got {on_fallback!r}.")
     if not model.built:
@@ -203,7 +207,7 @@ def _per_example(model, loss_fn, x, y, variables=None, sample_weight=None, *, tr
         return tf.function(
             lambda x, y, sample_weight: _per_example(
                 model, loss_fn, x, y, variables, sample_weight,
-                training=training, on_fallback=on_fallback,
+                training=training, on_fallback=on_fallback, loss_scale=loss_scale,
             ),
             jit_compile=True,
             autograph=False,  # Our errors (PforFallbackError, ValueError) reach the caller as is.
@@ -231,7 +235,11 @@ def _per_example(model, loss_fn, x, y, variables=None, sample_weight=None, *, tr
             weighted = loss
             if "sample_weight" in example:
                 weighted = loss * tf.cast(example["sample_weight"], loss.dtype)
+            if loss_scale is not None:
+                weighted = tf.cast(weighted, tf.float32) * loss_scale
         grads = tape.gradient(weighted, variables)
+        if loss_scale is not None:
+            grads = [None if g is None else tf.cast(tf.convert_to_tensor(g), tf.float32) / loss_scale for g in grads]
         if all(g is None for g in grads):
             raise ValueError(
                 "None of the given variables affects the loss: `variables` must be the model's "

@@ -12,6 +12,9 @@ from dp_bitfit_keras.optimizer import DPOptimizer
 from dp_bitfit_keras.privacy import sampling
 
 _DEFAULT_BATCH_SIZE = 32
+# Fixed per-example loss scale under mixed_float16 (2^12: float16 keeps gradients down to
+# ~6e-8/4096 from flushing to zero, and a loss of up to ~16 with gradients ~1e3 from overflowing).
+MIXED_FLOAT16_LOSS_SCALE = 4096.0
 
 
 def per_example_loss(loss):
@@ -127,7 +130,23 @@ class DPModel(keras.Model):
         self._per_example_loss = per_example_loss(loss)
         if jit_compile == "auto":
             jit_compile = True  # "auto" turns XLA off on CPU; the per-example step needs it.
+        # One XLA program cannot hold the variables of several replicas' devices: under a
+        # multi-replica strategy the step runs as a graph and each replica's per-example
+        # gradients are XLA-compiled on their own.
+        self._nested_xla = bool(jit_compile) and self.distribute_strategy.num_replicas_in_sync > 1
+        if self._nested_xla:
+            jit_compile = False
         super().compile(optimizer=optimizer, loss=loss, jit_compile=jit_compile, **kwargs)
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            # Keras wraps the optimizer under mixed_float16. Its dynamic loss scale skips a step
+            # when any gradient overflows, a data-dependent decision that DP cannot allow: scale
+            # each example's loss by a fixed factor instead, unscale in float32, and drop (weight
+            # 0) the examples whose gradient still overflows. Norms and clipping are float32.
+            self.optimizer = self.optimizer.inner_optimizer
+            self._loss_scale = MIXED_FLOAT16_LOSS_SCALE
+            self.optimizer.drop_nonfinite = True
+        else:
+            self._loss_scale = None
 
     def compile_from_config(self, config):
         # Keras skips this for models that override compile(); ours is compile() plus checks.
@@ -138,9 +157,15 @@ class DPModel(keras.Model):
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         variables = list(self.selection.variables)
-        grads, losses, y_pred = gradients._per_example(
-            self.model, self._per_example_loss, x, y, variables, sample_weight, training=True
-        )
+        def compute(x, y, sample_weight):
+            return gradients._per_example(
+                self.model, self._per_example_loss, x, y, variables, sample_weight, training=True,
+                loss_scale=getattr(self, "_loss_scale", None),
+            )
+
+        if getattr(self, "_nested_xla", False):
+            compute = tf.function(compute, jit_compile=True, autograph=False)
+        grads, losses, y_pred = compute(x, y, sample_weight)
         mask = None if sample_weight is None else tf.cast(tf.reshape(sample_weight, [-1]) > 0, tf.float32)
         self.optimizer.apply_private_gradients(grads, variables, mask)
         # Metrics describe the private batch; they are for monitoring, not released with DP.
@@ -185,10 +210,29 @@ class DPModel(keras.Model):
         steps_per_epoch = kwargs.pop("steps_per_epoch", None) or int(dataset.cardinality())
         if steps_per_epoch < 0:
             raise ValueError("Pass steps_per_epoch for a dataset of unknown length.")
+        k = self.optimizer.accumulation_steps
+        sampler = getattr(dataset, "dp_sampler", None)
+        if sampler is not None and sampler.micro_batches != k:
+            raise ValueError(
+                f"The dataset splits each Poisson batch into {sampler.micro_batches} micro-batches but "
+                f"the optimizer accumulates {k}: build it with poisson_batches(..., micro_batches={k})."
+            )
+        if steps_per_epoch % k:
+            raise ValueError(f"steps_per_epoch ({steps_per_epoch}) must be a multiple of gradient_accumulation_steps ({k}).")
+        if self.distribute_strategy.num_replicas_in_sync > 1 and self.steps_per_execution != 1:
+            raise ValueError("Under a multi-replica strategy DPModel needs steps_per_execution=1 (the step budget is checked between steps).")
         self.optimizer.build(list(self.selection.variables))
-        self.optimizer.begin_run(q, expected, steps_per_epoch * (epochs - kwargs.get("initial_epoch", 0)), n)
+        self.optimizer.begin_run(q, expected, steps_per_epoch // k * (epochs - kwargs.get("initial_epoch", 0)), n)
         kwargs.setdefault("shuffle", False)  # Sampling is the dataset's job (Poisson).
-        return super().fit(dataset, epochs=epochs, steps_per_epoch=steps_per_epoch, **kwargs)
+        callbacks = list(kwargs.pop("callbacks", None) or []) + [_LedgerSync(sampler)]
+        return super().fit(dataset, epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks, **kwargs)
+
+    def train_on_batch(self, *args, **kwargs):
+        if self.distribute_strategy.num_replicas_in_sync > 1:
+            # Keras hands every replica the whole batch here: each example would be counted
+            # once per replica, multiplying its sensitivity.
+            raise ValueError("Under a multi-replica strategy, train a DPModel with fit() on a dataset (Keras splits its batches over the replicas).")
+        return super().train_on_batch(*args, **kwargs)
 
     def _private_data(self, x, y, batch_size, sampling_rate, kwargs):
         if isinstance(x, tf.data.Dataset):
@@ -223,7 +267,10 @@ class DPModel(keras.Model):
         if not 0 < batch_size <= n:
             raise ValueError(f"batch_size must be in [1, {n}] (the dataset size); got {batch_size}.")
         q = sampling_rate or batch_size / n
-        dataset = sampling.poisson_batches((x, y), q)
+        k = self.optimizer.accumulation_steps
+        multiple = k * self.distribute_strategy.num_replicas_in_sync
+        padded = -(-sampling.max_batch_size_for(n, q) // multiple) * multiple
+        dataset = sampling.poisson_batches((x, y), q, padded, micro_batches=k)
         return dataset, q, q * n, n
 
     # --- Privacy --------------------------------------------------------------------------------
@@ -234,3 +281,30 @@ class DPModel(keras.Model):
             raise ValueError("Compile the DPModel with a DPOptimizer first.")
         return self.optimizer.privacy_spent(delta)
 
+
+
+class _LedgerSync(keras.callbacks.Callback):
+    """Keeps a run on its plan, and a resumed run on the original's track.
+
+    Runs after the user's callbacks, so after `keras.callbacks.BackupAndRestore` has restored
+    the weights and the optimizer's ledger: it then moves the Poisson sampler to the first
+    micro-batch the restored ledger has not consumed (a resumed run draws exactly the batches
+    the uninterrupted run would have; none is replayed or skipped), and stops training when the
+    ledger reaches the run's planned number of steps (BackupAndRestore resumes at the start of
+    the interrupted epoch, which would otherwise add steps).
+    """
+
+    def __init__(self, sampler):
+        super().__init__()
+        self.sampler = sampler
+
+    def on_train_begin(self, logs=None):
+        optimizer = self.model.optimizer
+        seen = int(optimizer._batches_seen.numpy())
+        if self.sampler is not None and seen > 0:
+            self.sampler.step.assign(seen)
+
+    def on_train_batch_end(self, batch, logs=None):
+        optimizer = self.model.optimizer
+        if optimizer.dp_steps >= int(optimizer._planned_dp_steps.numpy()):
+            self.model.stop_training = True

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import warnings
 
+import dp_accounting
 import keras
 import numpy as np
 import tensorflow as tf
@@ -17,6 +19,7 @@ import tensorflow as tf
 from dp_bitfit_keras.privacy import accounting, queries
 
 _NO_BUDGET = np.iinfo(np.int64).max
+CLIPPING_STYLES = ("all_layer", "layer_wise", "param_wise", "group_wise")
 
 
 @keras.saving.register_keras_serializable(package="dp_bitfit_keras")
@@ -36,6 +39,24 @@ class DPOptimizer(keras.optimizers.Optimizer):
         target_epsilon: calibrate σ at the start of `fit` so the planned run reaches this ε.
         target_delta: δ for `target_epsilon`.
         clipping: `"abadi"` (min(1, C/‖g‖)) or `"automatic"` (C/(‖g‖+0.01), Bu et al.).
+        clipping_style: what one clip covers (DP-BiTFiT paper §3): `"all_layer"` (one norm
+            over all trained variables, bound C), `"layer_wise"` (each layer's variables to
+            C/√L for L layers), `"param_wise"` (each variable to C/√P), `"group_wise"` (the
+            groups given by `groups`, each to C/√G). Every style bounds an example's whole
+            clipped gradient by C, so the noise and ε are the same.
+        groups: for `"group_wise"`: a list of regular expressions (a variable joins the first
+            group whose pattern `re.search`es its path; the rest form one more group), or a
+            callable `variable -> hashable key` (not saved with the model).
+        target_unclipped_quantile: turns on adaptive clipping (Andrew et al. 2021, TF
+            Privacy's `QuantileAdaptiveClipSumQuery`): C follows this quantile of the
+            per-example norms (0.5: the median), starting from `l2_norm_clip`. Its noisy count
+            of unclipped examples is paid for inside `noise_multiplier`: the sum gets
+            σ_sum = (σ⁻² − (2·clipped_count_stddev)⁻²)^(-1/2), so ε is that of σ.
+        clip_learning_rate: geometric learning rate of the adaptive clip (0.2 as in the paper).
+        clipped_count_stddev: noise of the unclipped count; default expected batch / 20.
+        gradient_accumulation_steps: k > 1 sums the clipped per-example gradients of k
+            consecutive micro-batches and adds noise once per logical batch of k; the ledger
+            counts logical steps. `DPModel.fit` then splits each Poisson batch into k parts.
         accountant: `"rdp"` or `"pld"`.
         seed: seed of the noise stream. Default: drawn from Python's `random` (seeded by
             `keras.utils.set_random_seed`). Whoever knows the seed can remove the noise: keep
@@ -56,6 +77,12 @@ class DPOptimizer(keras.optimizers.Optimizer):
         clipping="abadi",
         accountant="rdp",
         seed=None,
+        clipping_style="all_layer",
+        groups=None,
+        target_unclipped_quantile=None,
+        clip_learning_rate=0.2,
+        clipped_count_stddev=None,
+        gradient_accumulation_steps=1,
         name=None,
         **kwargs,
     ):
@@ -83,6 +110,25 @@ class DPOptimizer(keras.optimizers.Optimizer):
             raise ValueError(f"clipping must be one of {queries.CLIPPING}; got {clipping!r}.")
         if accountant not in accounting.ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {accounting.ACCOUNTANTS}; got {accountant!r}.")
+        if clipping_style not in CLIPPING_STYLES:
+            raise ValueError(f"clipping_style must be one of {CLIPPING_STYLES}; got {clipping_style!r}.")
+        if (clipping_style == "group_wise") != (groups is not None):
+            raise ValueError("groups is required with clipping_style='group_wise', and only there.")
+        if groups is not None and not callable(groups):
+            groups = [str(g) for g in groups]
+            for pattern in groups:
+                re.compile(pattern)
+        if target_unclipped_quantile is not None:
+            if not 0 < target_unclipped_quantile < 1:
+                raise ValueError(f"target_unclipped_quantile must be in (0, 1); got {target_unclipped_quantile}.")
+            if clipping != "abadi" or clipping_style != "all_layer":
+                raise ValueError("Adaptive clipping works with clipping='abadi' and clipping_style='all_layer'.")
+            if not clip_learning_rate > 0:
+                raise ValueError(f"clip_learning_rate must be > 0; got {clip_learning_rate}.")
+            if clipped_count_stddev is not None and not clipped_count_stddev > 0:
+                raise ValueError(f"clipped_count_stddev must be > 0; got {clipped_count_stddev}.")
+        if not (isinstance(gradient_accumulation_steps, int) and gradient_accumulation_steps >= 1):
+            raise ValueError(f"gradient_accumulation_steps must be an int >= 1; got {gradient_accumulation_steps!r}.")
         kwargs.pop("learning_rate", None)  # Present in configs; the inner optimizer owns it.
         super().__init__(learning_rate=0.0, name=name or "dp_optimizer", **kwargs)
         self.inner_optimizer = optimizer
@@ -93,7 +139,15 @@ class DPOptimizer(keras.optimizers.Optimizer):
         self.clipping = clipping
         self.accountant = accountant
         self.seed = random.randrange(2**31) if seed is None else int(seed)
+        self.clipping_style = clipping_style
+        self.groups = groups
+        self.target_unclipped_quantile = target_unclipped_quantile
+        self.clip_learning_rate = float(clip_learning_rate)
+        self.clipped_count_stddev = clipped_count_stddev
+        self.accumulation_steps = gradient_accumulation_steps
+        self.drop_nonfinite = False  # DPModel turns it on under mixed_float16
         self._query = queries.SeededGaussianSumQuery(self.l2_norm_clip, 0.0)
+        self._adaptive_query = None
 
     # --- Keras optimizer plumbing (as keras.optimizers.LossScaleOptimizer does it) -------------
 
@@ -102,19 +156,35 @@ class DPOptimizer(keras.optimizers.Optimizer):
             return
         sigma = -1.0 if self.initial_noise_multiplier is None else self.initial_noise_multiplier
         ledger = dict(
-            noise_multiplier=("float64", sigma),
-            sampling_rate=("float64", -1.0),
-            expected_batch_size=("float32", -1.0),
-            dp_steps=("int64", 0),
-            max_dp_steps=("int64", _NO_BUDGET),
-            noise_seed=("int64", self.seed),
+            # name: (dtype, initial value, updated inside the step)
+            noise_multiplier=("float64", sigma, False),
+            sampling_rate=("float64", -1.0, False),
+            expected_batch_size=("float32", -1.0, False),
+            dp_steps=("int64", 0, True),
+            max_dp_steps=("int64", _NO_BUDGET, False),
+            planned_dp_steps=("int64", _NO_BUDGET, False),
+            noise_seed=("int64", self.seed, False),
+            batches_seen=("int64", 0, True),
+            current_l2_norm_clip=("float32", self.l2_norm_clip, True),
         )
-        for name, (dtype, value) in ledger.items():
+        for name, (dtype, value, in_step) in ledger.items():
+            # Updated in the step: under MirroredStrategy every replica computes the same
+            # value (from all-reduced sums), and the first replica's is kept.
             var = self.add_variable(
                 shape=(), dtype=dtype, initializer=keras.initializers.Constant(value),
-                aggregation="none", name=name,
+                aggregation="only_first_replica" if in_step else "none", name=name,
             )
             object.__setattr__(self, f"_{name}", var)
+        if self.accumulation_steps > 1:
+            accumulators = [
+                self.add_variable(shape=v.shape, dtype="float32", initializer="zeros",
+                                  aggregation="only_first_replica", name=f"dp_accumulator_{i}")
+                for i, v in enumerate(var_list)
+            ]
+            object.__setattr__(self, "_accumulators", accumulators)
+            for name, dtype in [("accumulated_below", "float32")]:
+                var = self.add_variable(shape=(), dtype=dtype, initializer="zeros", aggregation="only_first_replica", name=name)
+                object.__setattr__(self, f"_{name}", var)
         self.inner_optimizer.build(var_list)
         super().build(var_list)
 
@@ -151,44 +221,126 @@ class DPOptimizer(keras.optimizers.Optimizer):
             "target_delta": self.target_delta,
             "clipping": self.clipping,
             "accountant": self.accountant,
+            "clipping_style": self.clipping_style,
+            # A callable grouping cannot be saved; regular expressions can.
+            "groups": None if callable(self.groups) else self.groups,
+            "target_unclipped_quantile": self.target_unclipped_quantile,
+            "clip_learning_rate": self.clip_learning_rate,
+            "clipped_count_stddev": self.clipped_count_stddev,
+            "gradient_accumulation_steps": self.accumulation_steps,
         }
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         inner = keras.optimizers.deserialize(config.pop("optimizer"), custom_objects=custom_objects)
+        if config.get("clipping_style") == "group_wise" and config.get("groups") is None:
+            raise ValueError(
+                "This DPOptimizer was saved with a callable `groups`, which cannot be saved: "
+                "load with custom code that passes it again, or use regular-expression groups."
+            )
         return cls(inner, **config)
 
     # --- The private step ------------------------------------------------------------------
 
-    def apply_private_gradients(self, per_example_grads, trainable_variables, mask=None):
-        """One DP-SGD step from per-example gradients `[batch, *var.shape]`.
+    def _group_index(self, variables):
+        """Group index of each variable for the clipping style (None: one group)."""
+        if self.clipping_style == "all_layer":
+            return None
+        if self.clipping_style == "param_wise":
+            keys = list(range(len(variables)))
+        elif self.clipping_style == "layer_wise":
+            keys = [getattr(v, "path", v.name).rsplit("/", 1)[0] for v in variables]
+        elif callable(self.groups):
+            keys = [self.groups(v) for v in variables]
+        else:
+            keys = [
+                next((i for i, p in enumerate(self.groups) if re.search(p, getattr(v, "path", v.name))), len(self.groups))
+                for v in variables
+            ]
+        order = {}
+        return [order.setdefault(k, len(order)) for k in keys]
 
-        Rows with `mask == 0` (padding of a Poisson batch) contribute nothing. Once `dp_steps`
-        reaches the step budget (`set_step_budget`), the step changes nothing.
+    def apply_private_gradients(self, per_example_grads, trainable_variables, mask=None):
+        """One DP-SGD step (or micro-step, with accumulation) from per-example gradients.
+
+        `per_example_grads[j]` is `[batch, *trainable_variables[j].shape]`. Rows with
+        `mask == 0` (padding of a Poisson batch) contribute nothing. Under a
+        `tf.distribute` strategy, each replica's clipped sum is all-reduced first and the noise
+        is added once to the global sum (every replica draws the same noise from the ledger's
+        seed). Once `dp_steps` reaches the step budget, the step changes nothing.
 
         Returns:
             The per-example gradient norms before clipping, `[batch]`.
         """
         if not self.built:
             self.build(trainable_variables)
-        summed, norms = queries.clipped_sum(per_example_grads, self.l2_norm_clip, self.clipping, mask)
-        sigma = tf.cast(self._noise_multiplier.value, tf.float32)
-        global_state = self._query.make_global_state(
-            self.l2_norm_clip, sigma * self.l2_norm_clip, tf.stack([self._noise_seed.value, self._dp_steps.value])
+        clip = self._current_l2_norm_clip.value
+        summed, norms = queries.clipped_sum(
+            per_example_grads, clip, self.clipping, mask, self._group_index(trainable_variables), self.drop_nonfinite
         )
-        noised = queries.noised_sum(self._query, global_state, summed)
+        real = tf.ones_like(norms) if mask is None else tf.cast(tf.reshape(mask, [-1]) > 0, tf.float32)
+        below = tf.reduce_sum(real * (tf.cast(norms <= clip, tf.float32) - 0.5))
+        context = tf.distribute.get_replica_context()
+        replicas = context.num_replicas_in_sync if context is not None else 1
+        if replicas > 1:
+            if self.accumulation_steps > 1:
+                raise ValueError(
+                    "gradient_accumulation_steps > 1 is not supported under a multi-replica "
+                    "tf.distribute strategy yet: raise the per-step batch instead (replicas add memory)."
+                )
+            summed, below = context.all_reduce(tf.distribute.ReduceOp.SUM, [summed, below])
+        self._batches_seen.assign_add(1)
+        if self.accumulation_steps == 1:
+            self._noise_and_step(summed, below, trainable_variables, replicas)
+            return norms
+        for acc, g in zip(self._accumulators, summed):
+            acc.assign_add(tf.cast(g, tf.float32))
+        self._accumulated_below.assign_add(below)
+
+        def flush():
+            totals = [tf.cast(acc.value, g.dtype) for acc, g in zip(self._accumulators, summed)]
+            self._noise_and_step(totals, self._accumulated_below.value, trainable_variables, replicas)
+            for acc in self._accumulators:
+                acc.assign(tf.zeros_like(acc))
+            self._accumulated_below.assign(0.0)
+            return tf.constant(True)
+
+        tf.cond(self._batches_seen.value % self.accumulation_steps == 0, flush, lambda: tf.constant(False))
+        return norms
+
+    def _noise_and_step(self, summed, below, trainable_variables, replicas):
+        sigma = tf.cast(self._noise_multiplier.value, tf.float32)
+        clip = self._current_l2_norm_clip.value
+        seed = tf.stack([self._noise_seed.value, self._dp_steps.value])
+        if self._adaptive_query is None:
+            global_state = self._query.make_global_state(clip, sigma * clip, seed)
+            noised, new_clip = queries.noised_sum(self._query, global_state, summed), clip
+        else:
+            sum_sigma = tf.cast(self._sum_noise_multiplier, tf.float32)
+            state = self._adaptive_query.state_for(clip, sum_sigma, seed)
+            noised, new_clip, _ = queries.adaptive_noised_sum(self._adaptive_query, state, summed, below)
         # Dividing by the expected batch size (not the realised one) keeps the released quantity
-        # a function of the noised sum alone; the realised size is itself private.
-        grads = [g / tf.cast(self._expected_batch_size.value, g.dtype) for g in noised]
+        # a function of the noised sum alone; the realised size is itself private. Under a
+        # strategy the inner optimizer all-reduces (sums) again: every replica holds the same
+        # global value, so each passes its 1/replicas share.
+        scale = tf.cast(self._expected_batch_size.value, tf.float32) * replicas
+        grads = [g / tf.cast(scale, g.dtype) for g in noised]
 
         def step():
             self.inner_optimizer.apply(grads, trainable_variables)
+            self._current_l2_norm_clip.assign(new_clip)
             self._dp_steps.assign_add(1)
             return tf.constant(True)
 
-        tf.cond(self._dp_steps.value < self._max_dp_steps.value, step, lambda: tf.constant(False))
-        return norms
+        if replicas > 1:
+            # The inner optimizer all-reduces, a sync point that TF does not allow inside
+            # tf.cond: under a strategy the step budget is enforced between steps instead (by
+            # DPModel.fit / PrivacyCallback stopping training; fit checks steps_per_execution=1).
+            step()
+            return
+        budget = tf.minimum(self._max_dp_steps.value, self._planned_dp_steps.value)
+        tf.cond(self._dp_steps.value < budget, step, lambda: tf.constant(False))
 
     # --- The ledger --------------------------------------------------------------------------
 
@@ -230,12 +382,54 @@ class DPOptimizer(keras.optimizers.Optimizer):
             )
         self._sampling_rate.assign(sampling_rate)
         self._expected_batch_size.assign(expected_batch_size)
+        self._planned_dp_steps.assign(self.dp_steps + planned_steps)
         if float(self._noise_multiplier.numpy()) < 0:
             sigma = accounting.noise_multiplier_for_epsilon(
                 self.target_epsilon, sampling_rate, self.dp_steps + planned_steps,
                 self.target_delta, self.accountant,
             )
             self._noise_multiplier.assign(sigma)
+        if self.target_unclipped_quantile is not None:
+            self._make_adaptive_query(expected_batch_size)
+
+    def _make_adaptive_query(self, expected_batch_size):
+        count_stddev = self.clipped_count_stddev or expected_batch_size / 20.0
+        sigma = self.noise_multiplier
+        sum_sigma = 0.0 if sigma == 0 else queries.sum_noise_multiplier_for(sigma, count_stddev)
+        self._sum_noise_multiplier = sum_sigma
+        self._adaptive_query = queries.SeededQuantileAdaptiveClipSumQuery(
+            self.l2_norm_clip, sum_sigma, self.target_unclipped_quantile, self.clip_learning_rate,
+            count_stddev, expected_batch_size,
+        )
+
+    @property
+    def current_l2_norm_clip(self) -> float:
+        """The clip C now (moves with adaptive clipping; `l2_norm_clip` otherwise)."""
+        return float(self._current_l2_norm_clip.numpy()) if self.built else self.l2_norm_clip
+
+    def step_event(self) -> "dp_accounting.DpEvent":
+        """The DpEvent of one step, before subsampling: one Gaussian, or with adaptive clipping the
+        composition of the sum's and the count's Gaussians (TF Privacy's event)."""
+        if self._adaptive_query is None:
+            return dp_accounting.GaussianDpEvent(self.noise_multiplier)
+        return dp_accounting.ComposedDpEvent([
+            dp_accounting.GaussianDpEvent(self._sum_noise_multiplier),
+            dp_accounting.GaussianDpEvent(2.0 * self._adaptive_query.clipped_count_stddev),
+        ])
+
+    def continue_ledger(self, other: "DPOptimizer"):
+        """Carries on `other`'s ledger: its steps, batches seen and noise stream (e.g. a second
+        training phase with new variables and a new inner optimizer). σ, q and the accountant
+        must match, so ε is accounted over all steps of both as one run."""
+        if not (self.built and other.built):
+            raise RuntimeError("Build both optimizers first.")
+        if self.accountant != other.accountant or not math.isclose(self.noise_multiplier, other.noise_multiplier, rel_tol=1e-9):
+            raise ValueError(
+                f"A continued ledger needs the same σ and accountant; got σ={self.noise_multiplier} "
+                f"({self.accountant}) vs σ={other.noise_multiplier} ({other.accountant})."
+            )
+        for name in ("sampling_rate", "expected_batch_size", "dp_steps", "batches_seen", "noise_seed"):
+            getattr(self, f"_{name}").assign(getattr(other, f"_{name}").value)
 
     def set_step_budget(self, max_steps: int | None):
         """The optimizer takes no step past `max_steps` (None: no limit)."""
@@ -245,6 +439,11 @@ class DPOptimizer(keras.optimizers.Optimizer):
         """(ε, δ) of the steps taken so far."""
         if self.dp_steps == 0:
             return 0.0, delta
+        if self.target_unclipped_quantile is not None and self.noise_multiplier > 0:
+            if self._adaptive_query is None:  # restored from a checkpoint in a new process
+                self._make_adaptive_query(float(self._expected_batch_size.numpy()))
+            event = accounting.dp_sgd_event_of(self.step_event(), self.sampling_rate, self.dp_steps)
+            return accounting.epsilon_of_event(event, delta, self.accountant), delta
         return (
             accounting.compute_epsilon(self.noise_multiplier, self.sampling_rate, self.dp_steps, delta, self.accountant),
             delta,

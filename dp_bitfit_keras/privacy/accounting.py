@@ -51,6 +51,12 @@ def dp_sgd_event(noise_multiplier: float, sampling_rate: float, steps: int) -> d
     )
 
 
+def dp_sgd_event_of(step_event: dp_accounting.DpEvent, sampling_rate: float, steps: int) -> dp_accounting.DpEvent:
+    """`steps` Poisson-subsampled repetitions of any per-step event (e.g. a composed one)."""
+    _check(sampling_rate=sampling_rate, steps=steps)
+    return dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(sampling_rate, step_event), int(steps))
+
+
 def make_accountant(accountant: str = "rdp") -> dp_accounting.PrivacyAccountant:
     _check(accountant=accountant)
     if accountant == "rdp":

@@ -14,6 +14,7 @@ import dp_accounting
 import tensorflow as tf
 
 from dp_bitfit_keras._compat import GaussianSumQuery
+from dp_bitfit_keras._compat import QuantileAdaptiveClipSumQuery
 
 CLIPPING = ("abadi", "automatic")
 # Stability constant of automatic clipping (Bu et al., "Automatic clipping", and DP-BiTFiT code).
@@ -66,15 +67,49 @@ def clip_factors(norms, l2_norm_clip, clipping="abadi"):
     raise ValueError(f"clipping must be one of {CLIPPING}; got {clipping!r}.")
 
 
-def clipped_sum(per_example_grads, l2_norm_clip, clipping="abadi", mask=None):
-    """Σ_i mask_i · clip(g_i), per variable, and the per-example norms before clipping."""
-    norms = per_example_norms(per_example_grads)
-    factors = clip_factors(norms, l2_norm_clip, clipping)
-    if mask is not None:
-        factors = factors * tf.cast(tf.reshape(mask, [-1]), factors.dtype)
-    sums = [
-        tf.cast(tf.tensordot(factors, tf.cast(g, tf.float32), axes=[[0], [0]]), g.dtype)
+def group_norms(per_example_grads, groups, num_groups):
+    """Per-example L2 norm of each group of variables: `[batch, num_groups]`, in float32.
+
+    `groups[j]` is the group index of variable j.
+    """
+    squares = [
+        tf.reduce_sum(tf.reshape(tf.square(tf.cast(g, tf.float32)), [tf.shape(g)[0], -1]), axis=1)
         for g in per_example_grads
+    ]
+    per_group = [tf.add_n([sq for sq, k in zip(squares, groups) if k == group]) for group in range(num_groups)]
+    return tf.sqrt(tf.stack(per_group, axis=1))
+
+
+def clipped_sum(per_example_grads, l2_norm_clip, clipping="abadi", mask=None, groups=None, drop_nonfinite=False):
+    """Σ_i mask_i · clip(g_i), per variable, and the per-example global norms before clipping.
+
+    `groups`: None (all-layer clipping: one norm over all variables, bound C), or the group
+    index of each variable; each group is then clipped to C/√G on its own (G groups), so an
+    example's whole clipped gradient still has norm ≤ C (layer-, param- and group-wise
+    clipping of the DP-BiTFiT paper, §3).
+
+    `drop_nonfinite`: give an example whose gradient has an inf/NaN (float16 overflow) weight
+    0 instead of poisoning the sum. Which examples overflow depends on the data, but dropping
+    one changes the sum by at most its clipped contribution, so the sensitivity is unchanged.
+    """
+    if groups is None:
+        norms = per_example_norms(per_example_grads)
+        factors = clip_factors(norms, l2_norm_clip, clipping)[:, None]
+        index = [0] * len(per_example_grads)
+    else:
+        num_groups = max(groups) + 1
+        by_group = group_norms(per_example_grads, groups, num_groups)
+        norms = tf.sqrt(tf.reduce_sum(tf.square(by_group), axis=1))
+        factors = clip_factors(by_group, l2_norm_clip / tf.sqrt(float(num_groups)), clipping)
+        index = list(groups)
+    if mask is not None:
+        factors = factors * tf.cast(tf.reshape(mask, [-1, 1]), factors.dtype)
+    if drop_nonfinite:
+        factors = tf.where(tf.math.is_finite(norms)[:, None], factors, 0.0)
+        per_example_grads = [tf.where(tf.math.is_finite(g), g, tf.zeros_like(g)) for g in per_example_grads]
+    sums = [
+        tf.cast(tf.tensordot(factors[:, k], tf.cast(g, tf.float32), axes=[[0], [0]]), g.dtype)
+        for g, k in zip(per_example_grads, index)
     ]
     return sums, norms
 
@@ -85,3 +120,73 @@ def noised_sum(query: SeededGaussianSumQuery, global_state, summed):
     sample_state = query.accumulate_preprocessed_record(sample_state, summed)
     result, _, _ = query.get_noised_result(sample_state, global_state)
     return result
+
+
+class SeededQuantileAdaptiveClipSumQuery(QuantileAdaptiveClipSumQuery):
+    """TF Privacy's adaptive-clipping query (Andrew et al. 2021) with seeded noise.
+
+    Its two Gaussian sub-queries (the clipped sum, and the count of unclipped examples that
+    drives the clip's geometric update) are `SeededGaussianSumQuery`s; the update rule, the
+    global/sample state structure and the composed DpEvent are TF Privacy's.
+
+    `noise_multiplier` here is the *sum's* multiplier; `effective_noise_multiplier` gives the
+    one Gaussian equivalent to both releases, (σ_sum⁻² + (2·σ_count)⁻²)^(-1/2).
+    """
+
+    def __init__(self, initial_l2_norm_clip, sum_noise_multiplier, target_unclipped_quantile,
+                 learning_rate, clipped_count_stddev, expected_num_records):
+        super().__init__(initial_l2_norm_clip, sum_noise_multiplier, target_unclipped_quantile,
+                         learning_rate, clipped_count_stddev, expected_num_records, geometric_update=True)
+        self._sum_query = SeededGaussianSumQuery(initial_l2_norm_clip, sum_noise_multiplier * initial_l2_norm_clip)
+        # The below-estimate count is NormalizedQuery(GaussianSumQuery(0.5, stddev)) in TF Privacy 0.9.
+        below = self._quantile_estimator_query._below_estimate_query
+        below._numerator = SeededGaussianSumQuery(0.5, clipped_count_stddev)
+        self.clipped_count_stddev = float(clipped_count_stddev)
+        self.expected_num_records = float(expected_num_records)
+        self.target_unclipped_quantile = float(target_unclipped_quantile)
+        self.clip_learning_rate = float(learning_rate)
+
+    def state_for(self, l2_norm_clip, sum_noise_multiplier, seed):
+        """The global state at clip C with noise keyed by `seed` (`[2]` int64)."""
+        seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2)
+        sum_state = self._sum_query.make_global_state(l2_norm_clip, sum_noise_multiplier * l2_norm_clip, seeds[0])
+        estimator = self._quantile_estimator_query
+        below = estimator._below_estimate_query
+        below_state = below._GlobalState(
+            below._numerator.make_global_state(0.5, self.clipped_count_stddev, seeds[1]),
+            tf.constant(self.expected_num_records, tf.float32),
+        )
+        estimator_state = estimator._GlobalState(
+            tf.cast(l2_norm_clip, tf.float32), tf.constant(self.target_unclipped_quantile, tf.float32),
+            tf.constant(self.clip_learning_rate, tf.float32), below_state,
+        )
+        return self._GlobalState(tf.cast(sum_noise_multiplier, tf.float32), sum_state, estimator_state)
+
+
+def effective_noise_multiplier(sum_noise_multiplier, clipped_count_stddev):
+    """σ of the one Gaussian mechanism equivalent to the sum and count releases together."""
+    return (sum_noise_multiplier ** -2 + (2.0 * clipped_count_stddev) ** -2) ** -0.5
+
+
+def sum_noise_multiplier_for(noise_multiplier, clipped_count_stddev):
+    """σ_sum such that sum and count releases together cost what one Gaussian of `noise_multiplier` does."""
+    rest = noise_multiplier ** -2 - (2.0 * clipped_count_stddev) ** -2
+    if rest <= 0:
+        raise ValueError(
+            f"Adaptive clipping's count noise (clipped_count_stddev={clipped_count_stddev}) alone costs "
+            f"more than noise_multiplier={noise_multiplier} allows; need 2·clipped_count_stddev > "
+            "noise_multiplier (Andrew et al. suggest clipped_count_stddev = expected batch size / 20)."
+        )
+    return rest ** -0.5
+
+
+def adaptive_noised_sum(query: SeededQuantileAdaptiveClipSumQuery, global_state, summed, below_minus_half):
+    """Noises the clipped sum and the unclipped count, and updates the clip (TF Privacy's rule).
+
+    `below_minus_half`: Σ_i (1[‖g_i‖ ≤ C] − ½) over the batch's real examples, the count
+    query's preprocessed records summed (its own clip of ½ leaves them unchanged).
+    Returns the noised sum, the new clip and the step's DpEvent.
+    """
+    sample_state = query._SampleState(summed, tf.cast(below_minus_half, tf.float32))
+    noised, new_state, event = query.get_noised_result(sample_state, global_state)
+    return noised, new_state.sum_state.l2_norm_clip, event

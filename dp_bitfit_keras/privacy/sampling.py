@@ -27,7 +27,9 @@ def max_batch_size_for(num_examples: int, sampling_rate: float, overflow_probabi
 class PoissonSampler:
     """The state of a Poisson batch stream: step `step` draws its batch from seed (seed, step).
 
-    `step` is a `tf.Variable`, so a checkpoint of it resumes the stream without replaying a batch.
+    `step` counts dataset elements drawn (micro-batches); element `c` is part `c % micro_batches`
+    of logical batch `c // micro_batches`. It is a `tf.Variable`: `DPModel.fit` sets it from
+    the optimizer's restored ledger on resume, so no batch is replayed or skipped.
     """
 
     num_examples: int
@@ -36,6 +38,12 @@ class PoissonSampler:
     steps_per_epoch: int
     seed: int
     step: tf.Variable
+    micro_batches: int = 1
+
+    @property
+    def elements_per_epoch(self) -> int:
+        """Dataset elements (Keras steps) per epoch: `steps_per_epoch * micro_batches`."""
+        return self.steps_per_epoch * self.micro_batches
 
     @property
     def expected_batch_size(self) -> float:
@@ -66,6 +74,7 @@ def poisson_batches(
     steps_per_epoch: int | None = None,
     seed: int | None = None,
     overflow_probability: float = 1e-9,
+    micro_batches: int = 1,
 ) -> tf.data.Dataset:
     """Poisson-sampled logical batches, padded to a static size, with a per-example mask.
 
@@ -82,10 +91,14 @@ def poisson_batches(
             per epoch in expectation).
         seed: seed of the sampling stream (default: drawn from Python's `random`, which
             `keras.utils.set_random_seed` seeds).
+        micro_batches: split each logical (Poisson) batch into this many consecutive
+            elements of `max_batch_size / micro_batches` rows (rounded up), for gradient
+            accumulation (`DPOptimizer(gradient_accumulation_steps=...)`).
 
     Returns:
-        A dataset of `(x, y, mask)` with leading axis `max_batch_size`; padding rows repeat the
-        first example with mask 0. Its `dp_sampler` attribute holds the `PoissonSampler`.
+        A dataset of `(x, y, mask)` with leading axis `max_batch_size` (divided by
+        `micro_batches`); padding rows repeat the first example with mask 0. Its `dp_sampler`
+        attribute holds the `PoissonSampler`.
 
     Example:
         >>> ds = poisson_batches((np.zeros((100, 3)), np.zeros(100)), 0.1, seed=0)
@@ -104,6 +117,10 @@ def poisson_batches(
         max_batch_size = max_batch_size_for(n, sampling_rate, overflow_probability)
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1; got {max_batch_size}.")
+    if not (isinstance(micro_batches, int) and micro_batches >= 1):
+        raise ValueError(f"micro_batches must be an int >= 1; got {micro_batches!r}.")
+    max_batch_size = -(-int(max_batch_size) // micro_batches) * micro_batches
+    part = max_batch_size // micro_batches
     steps_per_epoch = steps_per_epoch or max(1, round(1.0 / sampling_rate))
     seed = random.randrange(2**31) if seed is None else int(seed)
     sampler = PoissonSampler(
@@ -113,10 +130,12 @@ def poisson_batches(
         steps_per_epoch=int(steps_per_epoch),
         seed=seed,
         step=tf.Variable(0, dtype=tf.int64, trainable=False, name="poisson_step"),
+        micro_batches=micro_batches,
     )
 
     def draw(_):
-        step = sampler.step.assign_add(1) - 1
+        element = sampler.step.assign_add(1) - 1
+        step, part_index = element // micro_batches, element % micro_batches
         keep = tf.random.stateless_uniform([n], seed=tf.stack([tf.constant(seed, tf.int64), step])) < sampling_rate
         indices = tf.cast(tf.where(keep)[:, 0], tf.int32)
         size = tf.size(indices)
@@ -131,13 +150,15 @@ def poisson_batches(
         with tf.control_dependencies([check]):
             padded = tf.pad(indices, [[0, max_batch_size - size]])
         mask = tf.cast(tf.range(max_batch_size) < size, tf.float32)
+        rows = tf.range(part) + tf.cast(part_index, tf.int32) * part
+        padded, mask = tf.gather(padded, rows), tf.gather(mask, rows)
         batch = tf.nest.map_structure(lambda t: tf.gather(t, padded), examples)
         if isinstance(batch, tuple) and len(batch) == 2:
             return batch[0], batch[1], mask
         return batch, mask
 
     # The step counter is shared state: keep the map sequential so steps are drawn in order.
-    ds = tf.data.Dataset.range(steps_per_epoch).map(draw)
+    ds = tf.data.Dataset.range(steps_per_epoch * micro_batches).map(draw)
     ds = ds.prefetch(2)
     ds.dp_sampler = sampler
     return ds

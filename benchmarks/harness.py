@@ -136,9 +136,37 @@ def _build_standard(shape, mode):
     return base
 
 
+def _build_dpzero(shape, mode):
+    base = build_base(shape)
+    model = dpk.methods.dpzero(base, trainable="all")
+    model.compile(optimizer=dpk.DPOptimizer(keras.optimizers.SGD(1e-6), l2_norm_clip=200.0, noise_multiplier=1.0, seed=0), loss=_loss())
+    model.optimizer.build(model.trainable_variables)
+    model.optimizer.begin_run(sampling_rate=shape["batch"] / 10000, expected_batch_size=shape["batch"], planned_steps=100)
+    return model
+
+
+def _build_sparta(shape, mode, density=0.2):
+    """SPARTA's phase-2 step: DP-SGD on 20% of the rows of the non-embedding kernels (a fixed
+    random choice here; the selection phase costs what dp_full without embeddings costs)."""
+    base = build_base(shape)
+    candidates = [v for v in base.weights if dpk.methods.sparta_module.default_candidates(v)]
+    rng = np.random.RandomState(0)
+    masks = dpk.methods.sparta_module.select_rows([rng.rand(*v.shape).astype("float32") for v in candidates], density)
+    keep = {id(v): m for v, m in zip(candidates, masks) if m.any()}
+    model = dpk.DPModel(base, trainable=lambda v: id(v) in keep)
+    model.compile(optimizer=dpk.DPOptimizer(keras.optimizers.Adam(1e-3), l2_norm_clip=1.0, noise_multiplier=1.0, seed=0), loss=_loss())
+    model.optimizer.build(model.trainable_variables)
+    model.optimizer.gradient_masks = [tf.constant(keep[id(v)]) for v in model.selection.variables]
+    model.optimizer.begin_run(sampling_rate=shape["batch"] / 10000, expected_batch_size=shape["batch"], planned_steps=100)
+    return model
+
+
 # mode -> builder(shape, mode) returning a compiled model whose train_on_batch / train_step is
 # one step of that mode. Other method families add theirs here.
 MODE_BUILDERS = {mode: _build_standard for mode in MODES}
+MODE_BUILDERS["dpzero"] = _build_dpzero
+MODE_BUILDERS["sparta"] = _build_sparta
+EXTRA_RATIOS_METHODS = [("dpzero", "dp_bitfit"), ("sparta", "dp_bitfit"), ("dp_full", "sparta")]
 
 
 def build(shape: dict, mode: str) -> keras.Model:
@@ -188,7 +216,8 @@ def run_modes(shape: dict, modes, repeats: int = 5, warmup: int = 2, log=print) 
         model = build(shape, mode)
         for _ in range(warmup):
             model.train_on_batch(x, y)
-        fallback = bool(dpk.last_pfor_fallbacks()) if isinstance(model, dpk.DPModel) else False
+        per_example = isinstance(model, dpk.DPModel) and not isinstance(model, dpk.methods.DPZeroModel)
+        fallback = bool(dpk.last_pfor_fallbacks()) if per_example else False
         if gpu():
             peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
         else:
@@ -228,7 +257,7 @@ def ratios(results) -> dict:
     return out
 
 
-EXTRA_RATIOS: list = []  # other families append (a, b) pairs
+EXTRA_RATIOS: list = list(EXTRA_RATIOS_METHODS)  # other families append (a, b) pairs
 
 
 def markdown(report: dict) -> str:

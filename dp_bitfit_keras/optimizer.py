@@ -146,6 +146,9 @@ class DPOptimizer(keras.optimizers.Optimizer):
         self.clipped_count_stddev = clipped_count_stddev
         self.accumulation_steps = gradient_accumulation_steps
         self.drop_nonfinite = False  # DPModel turns it on under mixed_float16
+        # One 0/1 tensor (or None) per trained variable: sparse fine-tuning (SPARTA) trains only
+        # the 1 entries; their per-example gradients are clipped and noised, the rest stay put.
+        self.gradient_masks = None
         self._query = queries.SeededGaussianSumQuery(self.l2_norm_clip, 0.0)
         self._adaptive_query = None
 
@@ -275,6 +278,11 @@ class DPOptimizer(keras.optimizers.Optimizer):
         """
         if not self.built:
             self.build(trainable_variables)
+        masks = self.gradient_masks
+        if masks is not None:
+            # Sparse fine-tuning: only the masked entries are trained; the clip (hence the
+            # sensitivity) is over those entries alone.
+            per_example_grads = [g if m is None else g * tf.cast(m, g.dtype)[None] for g, m in zip(per_example_grads, masks)]
         clip = self._current_l2_norm_clip.value
         summed, norms = queries.clipped_sum(
             per_example_grads, clip, self.clipping, mask, self._group_index(trainable_variables), self.drop_nonfinite
@@ -309,7 +317,28 @@ class DPOptimizer(keras.optimizers.Optimizer):
         tf.cond(self._batches_seen.value % self.accumulation_steps == 0, flush, lambda: tf.constant(False))
         return norms
 
-    def _noise_and_step(self, summed, below, trainable_variables, replicas):
+    def apply_private_projection(self, per_example_scalars, directions, trainable_variables, mask=None):
+        """A zeroth-order DP step (DPZero): per-example scalars d_i (directional derivatives).
+
+        Each d_i is clipped to [-C, C] (a 1-D clip is the L2 clip), summed, noised by the same
+        Gaussian query and ledger as every other step, divided by the expected batch size, and
+        the gradient handed to the inner optimizer is that scalar times `directions` (one
+        tensor per variable). Returns the noisy mean scalar.
+        """
+        if not self.built:
+            self.build(trainable_variables)
+        summed, _ = queries.clipped_sum([per_example_scalars[:, None]], self._current_l2_norm_clip.value, self.clipping, mask)
+        self._batches_seen.assign_add(1)
+        released = []
+
+        def expand(noised):
+            released.append(noised[0][0])
+            return [noised[0][0] * tf.cast(d, tf.float32) for d in directions]
+
+        self._noise_and_step(summed, tf.constant(0.0), trainable_variables, 1, expand=expand)
+        return released[0] / tf.cast(self._expected_batch_size.value, tf.float32)
+
+    def _noise_and_step(self, summed, below, trainable_variables, replicas, expand=None):
         sigma = tf.cast(self._noise_multiplier.value, tf.float32)
         clip = self._current_l2_norm_clip.value
         seed = tf.stack([self._noise_seed.value, self._dp_steps.value])
@@ -325,6 +354,10 @@ class DPOptimizer(keras.optimizers.Optimizer):
         # strategy the inner optimizer all-reduces (sums) again: every replica holds the same
         # global value, so each passes its 1/replicas share.
         scale = tf.cast(self._expected_batch_size.value, tf.float32) * replicas
+        if expand is not None:
+            noised = expand(noised)
+        if self.gradient_masks is not None:
+            noised = [g if m is None else g * tf.cast(m, g.dtype) for g, m in zip(noised, self.gradient_masks)]
         grads = [g / tf.cast(scale, g.dtype) for g in noised]
 
         def step():

@@ -19,6 +19,9 @@ import keras
 import numpy as np
 
 from dp_bitfit_keras.callbacks import PrivacyCallback
+from dp_bitfit_keras.methods.dpzero import dpzero
+from dp_bitfit_keras.methods.sparta import sparta_fit
+from dp_bitfit_keras.methods.two_phase import two_phase_fit
 from dp_bitfit_keras.model import DPModel
 from dp_bitfit_keras.optimizer import DPOptimizer
 from dp_bitfit_keras.selection import apply_selection, select_variables
@@ -31,7 +34,17 @@ METHODS = {
     "dp_bitfit": ("bias", True),
     "dp_bitfit_head": ("bias+head", True),
     "dp_full": ("all", True),
+    # Other private methods on the same engine (dp_bitfit_keras.methods):
+    "dpzero": ("all", True),  # zeroth order: two forward passes, no backward
+    "sparta": ("sparse", True),  # private row selection, then DP-SGD on 20% of the kernel rows
+    "two_phase": ("all, then bias", True),  # DP full for half the epochs, then DP-BiTFiT
 }
+SPECIAL_LEARNING_RATES = {
+    "dpzero": 1e-5,  # SGD; the paper's 1e-6 is for OPT-size models and moves MiniLM too little in few steps
+    "sparta": 1e-3,  # Adam on the selected rows
+    "two_phase": (5e-4, 5e-3),  # Adam: DP full, then bias-only (the paper's rates)
+}
+DPZERO_CLIP = 200.0  # the paper's C for the per-example scalar
 # Adam learning rates for each kind of run: ~5e-3 for bias-only as in the DP-BiTFiT paper;
 # 1e-2 for bias+head, better on the offline text task's validation split (0.788 vs 0.757).
 DEFAULT_LEARNING_RATES = {"all": 5e-5, "bias": 5e-3, "bias+head": 1e-2}
@@ -39,6 +52,8 @@ DP_FULL_LEARNING_RATE = 5e-4
 
 
 def default_learning_rate(method: str) -> float:
+    if method in SPECIAL_LEARNING_RATES:
+        return SPECIAL_LEARNING_RATES[method]
     trainable, private = METHODS[method]
     return DP_FULL_LEARNING_RATE if (private and trainable == "all") else DEFAULT_LEARNING_RATES[trainable]
 
@@ -126,24 +141,52 @@ def train(
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     base = build_model()
     timer = StepTimer()
-    if private:
-        model = DPModel(base, trainable=trainable)
+    fit_kwargs = dict(batch_size=batch_size, epochs=epochs, validation_data=validation_data, verbose=verbose)
+    if method in ("sparta", "two_phase"):
+        cbs = [timer, PrivacyCallback(delta=delta), *callbacks]
+        common = dict(
+            loss=loss, batch_size=batch_size, l2_norm_clip=l2_norm_clip, target_epsilon=epsilon, delta=delta,
+            clipping=clipping, metrics=["accuracy"], callbacks=cbs, seed=seed,
+            validation_data=validation_data, verbose=verbose,
+        )
+        if method == "sparta":
+            run = sparta_fit(base, x_train, y_train, density=0.2, epochs=epochs, optimizer=keras.optimizers.Adam(lr), **common)
+            selection = run.model.selection
+            num_trainable = int(sum(m.sum() for m in run.masks.values()))
+        else:
+            lr1, lr2 = lr if isinstance(lr, tuple) else (lr, lr)
+            first = max(epochs // 2, 1) if epochs > 1 else 0
+            run = two_phase_fit(
+                base, x_train, y_train, phase1_epochs=first, phase2_epochs=epochs - first,
+                phase1_optimizer=keras.optimizers.Adam(lr1), phase2_optimizer=keras.optimizers.Adam(lr2), **common,
+            )
+            selection = run.model.selection
+            num_trainable = selection.num_trainable
+        model = run.model
+    elif private:
+        if method == "dpzero":
+            model = dpzero(base, trainable=trainable)
+            inner, clip = keras.optimizers.SGD(lr), DPZERO_CLIP
+        else:
+            model = DPModel(base, trainable=trainable)
+            inner, clip = keras.optimizers.Adam(lr), l2_norm_clip
         model.compile(
             optimizer=DPOptimizer(
-                keras.optimizers.Adam(lr), l2_norm_clip=l2_norm_clip, target_epsilon=epsilon,
-                target_delta=delta, clipping=clipping, seed=seed,
+                inner, l2_norm_clip=clip, target_epsilon=epsilon,
+                target_delta=delta, clipping="abadi" if method == "dpzero" else clipping, seed=seed,
             ),
             loss=loss, metrics=["accuracy"],
         )
         selection = model.selection
-        cbs = [timer, PrivacyCallback(delta=delta), *callbacks]
+        num_trainable = selection.num_trainable
+        model.fit(x_train, y_train, callbacks=[timer, PrivacyCallback(delta=delta), *callbacks], **fit_kwargs)
     else:
         model = base
         selection = select_variables(model, trainable)
+        num_trainable = selection.num_trainable
         apply_selection(model, selection)
         model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, metrics=["accuracy"], jit_compile=True)
-        cbs = [timer, *callbacks]
-    model.fit(x_train, y_train, batch_size=batch_size, epochs=epochs, validation_data=validation_data, callbacks=cbs, verbose=verbose)
+        model.fit(x_train, y_train, callbacks=[timer, *callbacks], **fit_kwargs)
     eps = model.privacy_spent(delta)[0] if private else math.inf
     return RunResult(
         method=method,
@@ -153,8 +196,8 @@ def train(
         validation_accuracy=float(model.evaluate(*validation_data, verbose=0, return_dict=True)["accuracy"]),
         test_accuracy=float(model.evaluate(*test_data, verbose=0, return_dict=True)["accuracy"]),
         ms_per_step=timer.ms_per_step,
-        trainable_params=selection.num_trainable,
-        trainable_fraction=selection.fraction,
+        trainable_params=num_trainable,
+        trainable_fraction=num_trainable / max(selection.num_total, 1),
         steps=model.optimizer.dp_steps if private else int(model.optimizer.iterations.numpy()),
         model=model,
     )

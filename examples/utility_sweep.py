@@ -85,7 +85,7 @@ def plot(rows, path):
         epsilons = sorted({r["target_epsilon"] for r in rows if r["task"] == task and math.isfinite(r["target_epsilon"])})
         for method in dict.fromkeys(r["method"] for r in rows if r["task"] == task):
             points = sorted((r["target_epsilon"], r["test_accuracy"]) for r in rows if r["task"] == task and r["method"] == method)
-            colour = colours[method.removeprefix("dp_")]
+            colour = colours.get(method.removeprefix("dp_"))  # None: matplotlib's next colour
             if math.isinf(points[0][0]):
                 ax.axhline(points[0][1], linestyle="--", color=colour, label=f"{method} (non-private)")
             else:

@@ -1,0 +1,109 @@
+"""DPZero: zeroth-order DP fine-tuning (Zhang et al. 2023) on the package's engine.
+
+Per step: a random direction z (regenerated from the ledger's seed and step, never stored),
+two forward passes at θ+λz and θ−λz, each example's scalar finite difference
+d_i = (ℓ_i(θ+λz) − ℓ_i(θ−λz)) / 2λ clipped to [−C, C], summed and noised by the optimizer's
+Gaussian query (std σC), divided by the expected batch size, and θ ← θ − η·(noisy scalar)·z.
+No backward pass, so memory stays at inference level. The privacy analysis is DP-SGD's
+(Poisson-subsampled Gaussian with sensitivity C), so ε comes from the same accountant.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from dp_bitfit_keras.model import DPModel
+
+# The paper's defaults (for OPT/RoBERTa-size models).
+DEFAULT_PERTURBATION = 1e-3
+DEFAULT_CLIP = 200.0
+DEFAULT_LEARNING_RATE = 1e-6
+DEFAULT_BATCH_SIZE = 64
+
+
+@keras.saving.register_keras_serializable(package="dp_bitfit_keras")
+class DPZeroModel(DPModel):
+    """`DPModel` whose step is DPZero's (zeroth-order) instead of per-example gradients.
+
+    Compile it with `DPOptimizer(keras.optimizers.SGD(lr), l2_norm_clip=C, ...)`: C clips the
+    per-example *scalar*, σ and the ledger are the usual ones. The forward passes run in
+    inference mode (no dropout), so both see the same network.
+
+    Args:
+        model: a built Keras model.
+        trainable: `"all"` (the paper) or `"bias"`, `"bias+head"`, a callable.
+        perturbation: λ, the finite-difference step (1e-3).
+    """
+
+    def __init__(self, model, trainable="all", perturbation=DEFAULT_PERTURBATION, **kwargs):
+        super().__init__(model, trainable=trainable, **kwargs)
+        if not perturbation > 0:
+            raise ValueError(f"perturbation must be > 0; got {perturbation}.")
+        self.perturbation = float(perturbation)
+
+    def get_config(self):
+        return dict(super().get_config(), perturbation=self.perturbation)
+
+    def _direction(self, variables):
+        # Stateless: z of step t is a function of (noise seed, t), so it is never stored and a
+        # resumed run draws the same directions. Offset so z never reuses the noise's keys.
+        opt = self.optimizer
+        seed = tf.stack([opt._noise_seed.value + 7919, opt._dp_steps.value])
+        seeds = tf.random.experimental.stateless_split(seed, num=len(variables))
+        return [tf.random.stateless_normal(v.shape, seed=seeds[i], dtype=tf.float32) for i, v in enumerate(variables)]
+
+    def _example_losses(self, x, y, sample_weight):
+        y_pred = self.model(x, training=False)
+        losses = self._per_example_loss(y, y_pred)
+        losses = tf.reshape(tf.cast(losses, tf.float32), [tf.shape(losses)[0], -1])
+        return tf.reduce_mean(losses, axis=1), y_pred
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        variables = list(self.selection.variables)
+        z = self._direction(variables)
+        lam = self.perturbation
+
+        def shift(scale):
+            for v, d in zip(variables, z):
+                v.assign_add(tf.cast(scale * d, v.dtype))
+
+        shift(lam)
+        plus, _ = self._example_losses(x, y, sample_weight)
+        with tf.control_dependencies([plus]):
+            shift(-2.0 * lam)
+        with tf.control_dependencies([plus]):
+            minus, y_pred = self._example_losses(x, y, sample_weight)
+        with tf.control_dependencies([minus]):
+            shift(lam)  # back to θ (up to float rounding of ±λz)
+        scalars = (plus - minus) / (2.0 * lam)
+        if sample_weight is not None:
+            scalars = scalars * tf.cast(tf.reshape(sample_weight, [-1]), tf.float32)
+        mask = None if sample_weight is None else tf.cast(tf.reshape(sample_weight, [-1]) > 0, tf.float32)
+        with tf.control_dependencies([minus]):
+            projected = self.optimizer.apply_private_projection(scalars, z, variables, mask)
+        weights = tf.ones_like(plus) if mask is None else mask
+        losses = 0.5 * (plus + minus)
+        self._loss_tracker.update_state(
+            tf.reduce_sum(losses * weights) / tf.maximum(tf.reduce_sum(weights), 1.0),
+            sample_weight=tf.reduce_sum(weights),
+        )
+        metrics = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        # The released (noisy) projected gradient: post-processing of the DP output.
+        return dict(metrics, projected_grad=projected)
+
+
+def dpzero(model: keras.Model, trainable="all", perturbation: float = DEFAULT_PERTURBATION) -> DPZeroModel:
+    """Wraps `model` for DPZero training; compile with a `DPOptimizer` around `SGD(lr)`.
+
+    Example:
+        >>> m = dpzero(base, trainable="all")  # doctest: +SKIP
+        >>> m.compile(optimizer=DPOptimizer(keras.optimizers.SGD(1e-6), l2_norm_clip=200.0,
+        ...                                 target_epsilon=8.0, target_delta=1e-5),
+        ...           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))  # doctest: +SKIP
+    """
+    return DPZeroModel(model, trainable=trainable, perturbation=perturbation)
+
+
+__all__ = ["DPZeroModel", "dpzero"]

@@ -1,5 +1,6 @@
 """dp_bitfit_keras: differentially private bias-term fine-tuning (DP-BiTFiT) for Keras 3 on TF."""
 
+from dp_bitfit_keras import audit
 from dp_bitfit_keras import methods
 from dp_bitfit_keras.callbacks import PrivacyCallback
 from dp_bitfit_keras.gradients import PforFallbackError

@@ -284,9 +284,7 @@ class DPOptimizer(keras.optimizers.Optimizer):
             # sensitivity) is over those entries alone.
             per_example_grads = [g if m is None else g * tf.cast(m, g.dtype)[None] for g, m in zip(per_example_grads, masks)]
         clip = self._current_l2_norm_clip.value
-        summed, norms = queries.clipped_sum(
-            per_example_grads, clip, self.clipping, mask, self._group_index(trainable_variables), self.drop_nonfinite
-        )
+        summed, norms = self._clip_and_sum(per_example_grads, clip, mask, self._group_index(trainable_variables))
         real = tf.ones_like(norms) if mask is None else tf.cast(tf.reshape(mask, [-1]) > 0, tf.float32)
         below = tf.reduce_sum(real * (tf.cast(norms <= clip, tf.float32) - 0.5))
         context = tf.distribute.get_replica_context()
@@ -338,12 +336,18 @@ class DPOptimizer(keras.optimizers.Optimizer):
         self._noise_and_step(summed, tf.constant(0.0), trainable_variables, 1, expand=expand)
         return released[0] / tf.cast(self._expected_batch_size.value, tf.float32)
 
+    def _clip_and_sum(self, per_example_grads, clip, mask, groups):
+        return queries.clipped_sum(per_example_grads, clip, self.clipping, mask, groups, self.drop_nonfinite)
+
+    def _noise_stddev(self, sigma, clip):
+        return sigma * clip
+
     def _noise_and_step(self, summed, below, trainable_variables, replicas, expand=None):
         sigma = tf.cast(self._noise_multiplier.value, tf.float32)
         clip = self._current_l2_norm_clip.value
         seed = tf.stack([self._noise_seed.value, self._dp_steps.value])
         if self._adaptive_query is None:
-            global_state = self._query.make_global_state(clip, sigma * clip, seed)
+            global_state = self._query.make_global_state(clip, self._noise_stddev(sigma, clip), seed)
             noised, new_clip = queries.noised_sum(self._query, global_state, summed), clip
         else:
             sum_sigma = tf.cast(self._sum_noise_multiplier, tf.float32)

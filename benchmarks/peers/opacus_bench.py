@@ -9,16 +9,16 @@ hidden size, heads = hidden/64, intermediate 4x hidden, vocabulary 30,522, 2 cla
 keras-hub model of the main harness. Adam, one fixed batch, modes interleaved over the timed
 repetitions, warm-up excluded, all CPU threads.
 
-Memory: each mode runs once more in a fresh child process, which reports its peak RSS minus its
-RSS just before the first step (model, optimizer and batch already built). PyTorch has no CPU
-allocator statistics; this is coarser than the main harness's XLA figure, so compare memory
-*ratios within* each framework, not MB across them.
+Memory: each mode runs once more in a fresh child process: one warm-up step on a 1-example
+batch, then RSS sampled every millisecond through two real steps; the figure is that peak minus
+the RSS before them. PyTorch has no CPU allocator statistics; this is coarser than the main
+harness's XLA figure (allocator caching can hide reuse), so compare memory *ratios within* each
+framework, not MB across them.
 """
 
 import json
 import multiprocessing
 import os
-import resource
 import sys
 import time
 
@@ -90,13 +90,29 @@ def _rss_mb():
 
 
 def _memory_child(shape, mode, warmup, queue):
+    import threading
+
     torch.set_num_threads(os.cpu_count())
     model, optimizer, _ = build(shape, mode)
     x, y = make_batch(shape)
+    # Warm up on a 1-example batch (loads kernels and libraries, allocates little), then
+    # sample RSS every millisecond through two real steps: peak minus the RSS before them.
+    step(model, optimizer, {k: v[:1] for k, v in x.items()}, y[:1])
     before = _rss_mb()
-    for _ in range(max(warmup, 1)):
+    peak, done = [before], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    for _ in range(2):
         step(model, optimizer, x, y)
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
+    done.set()
+    thread.join()
+    queue.put(peak[0] - before)
 
 
 def peak_rss_delta_mb(shape, mode, warmup):

@@ -325,6 +325,8 @@ class DPOptimizer(keras.optimizers.Optimizer):
         """
         if not self.built:
             self.build(trainable_variables)
+        if self.accumulation_steps > 1:
+            raise ValueError("DPZero steps do not accumulate: use gradient_accumulation_steps=1 (raise the batch size).")
         summed, _ = queries.clipped_sum([per_example_scalars[:, None]], self._current_l2_norm_clip.value, self.clipping, mask)
         self._batches_seen.assign_add(1)
         released = []

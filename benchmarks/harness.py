@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import dp_bitfit_keras as dpk  # noqa: E402
+from dp_bitfit_keras import recipes  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")  # per-mode retracing notices: each mode is its own function
 
@@ -46,20 +47,17 @@ SHAPES = {
     "tiny_vit": dict(model="vit", batch=4, image=16, patch=8, layers=1, hidden=32),
 }
 
-# mode: (variables, private). More families register themselves in MODE_BUILDERS.
-MODES = {
-    "full": ("all", False),
-    "bitfit": ("bias", False),
-    "dp_bitfit": ("bias", True),
-    "dp_bitfit_head": ("bias+head", True),
-    "dp_full": ("all", True),
-}
+# mode: (variables, private), as in the example recipes. More families: MODE_BUILDERS.
+MODES = {m: recipes.METHODS[m] for m in ("full", "bitfit", "dp_bitfit", "dp_bitfit_head", "dp_full")}
 RATIOS = [
     ("dp_bitfit", "bitfit"),
     ("dp_bitfit", "full"),
     ("dp_full", "dp_bitfit"),
     ("dp_full", "full"),
     ("dp_bitfit_head", "dp_bitfit"),
+    ("dpzero", "dp_bitfit"),
+    ("sparta", "dp_bitfit"),
+    ("dp_full", "sparta"),
 ]
 VOCAB = 30522
 
@@ -117,32 +115,27 @@ def _loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
+def _private(model, inner, l2_norm_clip, shape):
+    """Compiles a DPModel for one step of the benchmark: σ = 1, q = batch / 10,000."""
+    model.compile(optimizer=dpk.DPOptimizer(inner, l2_norm_clip=l2_norm_clip, noise_multiplier=1.0, seed=0), loss=_loss())
+    model.optimizer.build(model.trainable_variables)
+    model.optimizer.begin_run(sampling_rate=shape["batch"] / 10000, expected_batch_size=shape["batch"], planned_steps=100)
+    return model
+
+
 def _build_standard(shape, mode):
     trainable, private = MODES[mode]
     base = build_base(shape)
     if private:
-        model = dpk.DPModel(base, trainable=trainable)
-        model.compile(
-            optimizer=dpk.DPOptimizer(keras.optimizers.Adam(1e-3), l2_norm_clip=1.0, noise_multiplier=1.0, seed=0),
-            loss=_loss(),
-        )
-        model.optimizer.build(model.trainable_variables)
-        model.optimizer.begin_run(
-            sampling_rate=shape["batch"] / 10000, expected_batch_size=shape["batch"], planned_steps=100
-        )
-        return model
+        return _private(dpk.DPModel(base, trainable=trainable), keras.optimizers.Adam(1e-3), 1.0, shape)
     dpk.selection.apply_selection(base, dpk.select_variables(base, trainable))
     base.compile(optimizer=keras.optimizers.Adam(1e-3), loss=_loss(), jit_compile=True)
     return base
 
 
 def _build_dpzero(shape, mode):
-    base = build_base(shape)
-    model = dpk.methods.dpzero(base, trainable="all")
-    model.compile(optimizer=dpk.DPOptimizer(keras.optimizers.SGD(1e-6), l2_norm_clip=200.0, noise_multiplier=1.0, seed=0), loss=_loss())
-    model.optimizer.build(model.trainable_variables)
-    model.optimizer.begin_run(sampling_rate=shape["batch"] / 10000, expected_batch_size=shape["batch"], planned_steps=100)
-    return model
+    model = dpk.methods.dpzero(build_base(shape), trainable="all")
+    return _private(model, keras.optimizers.SGD(1e-6), recipes.DPZERO_CLIP, shape)
 
 
 def _build_sparta(shape, mode, density=0.2):
@@ -153,11 +146,8 @@ def _build_sparta(shape, mode, density=0.2):
     rng = np.random.RandomState(0)
     masks = dpk.methods.sparta_module.select_rows([rng.rand(*v.shape).astype("float32") for v in candidates], density)
     keep = {id(v): m for v, m in zip(candidates, masks) if m.any()}
-    model = dpk.DPModel(base, trainable=lambda v: id(v) in keep)
-    model.compile(optimizer=dpk.DPOptimizer(keras.optimizers.Adam(1e-3), l2_norm_clip=1.0, noise_multiplier=1.0, seed=0), loss=_loss())
-    model.optimizer.build(model.trainable_variables)
+    model = _private(dpk.DPModel(base, trainable=lambda v: id(v) in keep), keras.optimizers.Adam(1e-3), 1.0, shape)
     model.optimizer.gradient_masks = [tf.constant(keep[id(v)]) for v in model.selection.variables]
-    model.optimizer.begin_run(sampling_rate=shape["batch"] / 10000, expected_batch_size=shape["batch"], planned_steps=100)
     return model
 
 
@@ -166,7 +156,6 @@ def _build_sparta(shape, mode, density=0.2):
 MODE_BUILDERS = {mode: _build_standard for mode in MODES}
 MODE_BUILDERS["dpzero"] = _build_dpzero
 MODE_BUILDERS["sparta"] = _build_sparta
-EXTRA_RATIOS_METHODS = [("dpzero", "dp_bitfit"), ("sparta", "dp_bitfit"), ("dp_full", "sparta")]
 
 
 def build(shape: dict, mode: str) -> keras.Model:
@@ -249,15 +238,13 @@ def ratios(results) -> dict:
     by = {r["mode"]: r["ms_per_step"] for r in results}
     mem = {r["mode"]: r["peak_mem_mb"] for r in results}
     out = {}
-    for a, b in RATIOS + EXTRA_RATIOS:
+    for a, b in RATIOS:
         if a in by and b in by:
             out[f"{a}/{b}"] = round(by[a] / by[b], 3)
     if mem.get("dp_bitfit") and mem.get("bitfit"):
         out["mem dp_bitfit/bitfit"] = round(mem["dp_bitfit"] / mem["bitfit"], 3)
     return out
 
-
-EXTRA_RATIOS: list = list(EXTRA_RATIOS_METHODS)  # other families append (a, b) pairs
 
 
 def markdown(report: dict) -> str:
@@ -357,6 +344,12 @@ def batch_markdown(sweep: dict) -> str:
 # --- Plots --------------------------------------------------------------------------------
 
 
+def _save(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _pyplot():
     import matplotlib
 
@@ -378,9 +371,7 @@ def plot_report(report: dict, path: str):
         ax.tick_params(axis="x", rotation=30)
     s = report["shape"]
     fig.suptitle(f"{s.get('model')} {json.dumps({k: v for k, v in s.items() if k != 'model'})} — {report['device']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_seq(sweep: dict, path: str):
@@ -401,9 +392,7 @@ def plot_seq(sweep: dict, path: str):
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"time and memory vs sequence length — {sweep['reports'][0]['device']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_batch(sweep: dict, path: str):
@@ -415,6 +404,4 @@ def plot_batch(sweep: dict, path: str):
     ax.set_yscale("log")
     ax.set_ylabel(f"largest batch under {sweep['memory_cap_mb']:.0f} MB")
     ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)

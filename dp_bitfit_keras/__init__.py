@@ -25,6 +25,7 @@ __all__ = [
     "PforFallbackWarning",
     "PrivacyCallback",
     "Selection",
+    "audit",
     "compute_epsilon",
     "last_pfor_fallbacks",
     "max_batch_size_for",

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import keras
 import numpy as np
 import tensorflow as tf
 from scipy import stats
@@ -112,13 +111,14 @@ def audit(
     weights_in = np.ones(n, "float32")
     weights_out = weights_in.copy()
     weights_out[canary_index] = 0.0
+    def restore():
+        for var, value in zip(opt.variables + variables, state + start):
+            var.assign(value)
+
     scores = {0: [], 1: []}
     for trial in range(trials):
         for world, w in ((1, weights_in), (0, weights_out)):
-            for var, value in zip(opt.variables, state):
-                var.assign(value)
-            for var, value in zip(variables, start):
-                var.assign(value)
+            restore()
             opt._noise_seed.assign(seed * 1_000_003 + 2 * trial + world)
             for _ in range(steps):
                 model.train_on_batch(x, y, sample_weight=w)
@@ -126,10 +126,7 @@ def audit(
                 0.0 if d is None else float(np.sum((v.numpy() - s) * d))
                 for v, s, d in zip(variables, start, directions)
             ])
-    for var, value in zip(opt.variables, state):
-        var.assign(value)
-    for var, value in zip(variables, start):
-        var.assign(value)
+    restore()
     pos, neg = np.array(scores[1]), np.array(scores[0])
     half = trials // 2
     per_variable = {}

@@ -38,6 +38,11 @@ def per_example_loss(loss):
     )
 
 
+def example_mask(sample_weight):
+    """1.0 for the examples of a batch, 0.0 for rows with weight 0 (padding); None if unweighted."""
+    return None if sample_weight is None else tf.cast(tf.reshape(sample_weight, [-1]) > 0, tf.float32)
+
+
 @keras.saving.register_keras_serializable(package="dp_bitfit_keras")
 class DPModel(keras.Model):
     """Differentially private fine-tuning of a Keras model (DP-BiTFiT by default).
@@ -166,15 +171,18 @@ class DPModel(keras.Model):
         if getattr(self, "_nested_xla", False):
             compute = tf.function(compute, jit_compile=True, autograph=False)
         grads, losses, y_pred = compute(x, y, sample_weight)
-        mask = None if sample_weight is None else tf.cast(tf.reshape(sample_weight, [-1]) > 0, tf.float32)
+        mask = example_mask(sample_weight)
         self.optimizer.apply_private_gradients(grads, variables, mask)
+        self._track_loss(losses, mask)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _track_loss(self, losses, mask):
         # Metrics describe the private batch; they are for monitoring, not released with DP.
         weights = tf.ones_like(losses) if mask is None else mask
         self._loss_tracker.update_state(
             tf.reduce_sum(losses * weights) / tf.maximum(tf.reduce_sum(weights), 1.0),
             sample_weight=tf.reduce_sum(weights),
         )
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         # Keras' unweighted `metrics` ignore sample_weight, so they would count the zero-weight
@@ -184,7 +192,7 @@ class DPModel(keras.Model):
             return super().compute_metrics(x, y, y_pred, sample_weight)
         if not metrics.built:
             metrics.build(y, y_pred)
-        mask = tf.cast(tf.reshape(sample_weight, [-1]) > 0, tf.float32)
+        mask = example_mask(sample_weight)
         for unweighted, weighted, y_t, y_p in zip(
             metrics._flat_metrics, metrics._flat_weighted_metrics, metrics._flatten_y(y), metrics._flatten_y(y_pred)
         ):
@@ -301,10 +309,13 @@ class _LedgerSync(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         optimizer = self.model.optimizer
         seen = int(optimizer._batches_seen.numpy())
+        # A run from an empty ledger ends exactly at its plan: only a restored (or continued)
+        # ledger needs the per-step check, which reads the device each step.
+        self._check_plan = seen > 0
+        self._planned = int(optimizer._planned_dp_steps.numpy())
         if self.sampler is not None and seen > 0:
             self.sampler.step.assign(seen)
 
     def on_train_batch_end(self, batch, logs=None):
-        optimizer = self.model.optimizer
-        if optimizer.dp_steps >= int(optimizer._planned_dp_steps.numpy()):
+        if self._check_plan and self.model.optimizer.dp_steps >= self._planned:
             self.model.stop_training = True

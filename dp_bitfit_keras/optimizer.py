@@ -185,9 +185,8 @@ class DPOptimizer(keras.optimizers.Optimizer):
                 for i, v in enumerate(var_list)
             ]
             object.__setattr__(self, "_accumulators", accumulators)
-            for name, dtype in [("accumulated_below", "float32")]:
-                var = self.add_variable(shape=(), dtype=dtype, initializer="zeros", aggregation="only_first_replica", name=name)
-                object.__setattr__(self, f"_{name}", var)
+            below = self.add_variable(shape=(), dtype="float32", initializer="zeros", aggregation="only_first_replica", name="accumulated_below")
+            object.__setattr__(self, "_accumulated_below", below)
         self.inner_optimizer.build(var_list)
         super().build(var_list)
 
@@ -285,8 +284,11 @@ class DPOptimizer(keras.optimizers.Optimizer):
             per_example_grads = [g if m is None else g * tf.cast(m, g.dtype)[None] for g, m in zip(per_example_grads, masks)]
         clip = self._current_l2_norm_clip.value
         summed, norms = self._clip_and_sum(per_example_grads, clip, mask, self._group_index(trainable_variables))
-        real = tf.ones_like(norms) if mask is None else tf.cast(tf.reshape(mask, [-1]) > 0, tf.float32)
-        below = tf.reduce_sum(real * (tf.cast(norms <= clip, tf.float32) - 0.5))
+        below = tf.constant(0.0)
+        if self.target_unclipped_quantile is not None:
+            # Adaptive clipping's count query: Σ over real examples of 1[‖g‖ ≤ C] − ½.
+            real = tf.ones_like(norms) if mask is None else tf.cast(tf.reshape(mask, [-1]) > 0, tf.float32)
+            below = tf.reduce_sum(real * (tf.cast(norms <= clip, tf.float32) - 0.5))
         context = tf.distribute.get_replica_context()
         replicas = context.num_replicas_in_sync if context is not None else 1
         if replicas > 1:

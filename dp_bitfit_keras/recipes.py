@@ -151,18 +151,16 @@ def train(
         )
         if method == "sparta":
             run = sparta_fit(base, x_train, y_train, density=0.2, epochs=epochs, optimizer=keras.optimizers.Adam(lr), **common)
-            selection = run.model.selection
-            num_trainable = int(sum(m.sum() for m in run.masks.values()))
+            sparse_trainable = int(sum(m.sum() for m in run.masks.values()))
         else:
             lr1, lr2 = lr if isinstance(lr, tuple) else (lr, lr)
-            first = max(epochs // 2, 1) if epochs > 1 else 0
+            first = epochs // 2  # DP full for the first half (none with 1 epoch), then DP-BiTFiT
             run = two_phase_fit(
                 base, x_train, y_train, phase1_epochs=first, phase2_epochs=epochs - first,
                 phase1_optimizer=keras.optimizers.Adam(lr1), phase2_optimizer=keras.optimizers.Adam(lr2), **common,
             )
-            selection = run.model.selection
-            num_trainable = selection.num_trainable
         model = run.model
+        selection = model.selection
     elif private:
         if method == "dpzero":
             model = dpzero(base, trainable=trainable)
@@ -178,15 +176,15 @@ def train(
             loss=loss, metrics=["accuracy"],
         )
         selection = model.selection
-        num_trainable = selection.num_trainable
         model.fit(x_train, y_train, callbacks=[timer, PrivacyCallback(delta=delta), *callbacks], **fit_kwargs)
     else:
         model = base
         selection = select_variables(model, trainable)
-        num_trainable = selection.num_trainable
         apply_selection(model, selection)
         model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, metrics=["accuracy"], jit_compile=True)
         model.fit(x_train, y_train, callbacks=[timer, *callbacks], **fit_kwargs)
+    # SPARTA trains the masked entries of its variables only.
+    num_trainable = sparse_trainable if method == "sparta" else selection.num_trainable
     eps = model.privacy_spent(delta)[0] if private else math.inf
     return RunResult(
         method=method,

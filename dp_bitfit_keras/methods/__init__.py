@@ -9,4 +9,4 @@ from dp_bitfit_keras.methods.sparta import sparta_fit
 from dp_bitfit_keras.methods.two_phase import TwoPhaseResult
 from dp_bitfit_keras.methods.two_phase import two_phase_fit
 
-__all__ = ["DPZeroModel", "SpartaResult", "TwoPhaseResult", "dpzero", "sparta", "sparta_fit", "two_phase_fit"]
+__all__ = ["DPZeroModel", "SpartaResult", "TwoPhaseResult", "dpzero", "sparta", "sparta_fit", "sparta_module", "two_phase_fit"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from dp_bitfit_keras.model import DPModel
+from dp_bitfit_keras.model import DPModel, example_mask
 
 # The paper's defaults (for OPT/RoBERTa-size models).
 DEFAULT_PERTURBATION = 1e-3
@@ -80,15 +80,10 @@ class DPZeroModel(DPModel):
         scalars = (plus - minus) / (2.0 * lam)
         if sample_weight is not None:
             scalars = scalars * tf.cast(tf.reshape(sample_weight, [-1]), tf.float32)
-        mask = None if sample_weight is None else tf.cast(tf.reshape(sample_weight, [-1]) > 0, tf.float32)
+        mask = example_mask(sample_weight)
         with tf.control_dependencies([minus]):
             projected = self.optimizer.apply_private_projection(scalars, z, variables, mask)
-        weights = tf.ones_like(plus) if mask is None else mask
-        losses = 0.5 * (plus + minus)
-        self._loss_tracker.update_state(
-            tf.reduce_sum(losses * weights) / tf.maximum(tf.reduce_sum(weights), 1.0),
-            sample_weight=tf.reduce_sum(weights),
-        )
+        self._track_loss(0.5 * (plus + minus), mask)
         metrics = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         # The released (noisy) projected gradient: post-processing of the DP output.
         return dict(metrics, projected_grad=projected)

@@ -22,9 +22,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from dp_bitfit_keras.methods._run import PrivateRun
 from dp_bitfit_keras.model import DPModel
-from dp_bitfit_keras.optimizer import DPOptimizer
-from dp_bitfit_keras.privacy import accounting, sampling
 from dp_bitfit_keras.selection import bias_variables
 
 
@@ -132,31 +131,20 @@ def sparta_fit(
     for name, value in [("epochs", epochs), ("selection_epochs", selection_epochs)]:
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{name} must be an int >= 1; got {value!r}.")
-    if (noise_multiplier is None) == (target_epsilon is None):
-        raise ValueError("Give exactly one of noise_multiplier or target_epsilon.")
     cands = [v for v in model.trainable_weights if candidates(v)] or [v for v in model.weights if candidates(v)]
     if not cands:
         raise ValueError("No candidate variables for SPARTA (check `candidates`).")
-    n = len(y)
-    if not 0 < batch_size <= n:
-        raise ValueError(f"batch_size must be in [1, {n}]; got {batch_size}.")
-    q = batch_size / n
-    dataset = sampling.poisson_batches((x, y), q, seed=seed)
-    steps_per_epoch = dataset.dp_sampler.steps_per_epoch
-    total = steps_per_epoch * (selection_epochs + epochs)
-    if noise_multiplier is None:
-        noise_multiplier = accounting.noise_multiplier_for_epsilon(target_epsilon, q, total, delta, accountant)
-    noise_seed = None if seed is None else seed + 1
+    run = PrivateRun.plan(
+        model, x, y, loss=loss, batch_size=batch_size, total_epochs=selection_epochs + epochs,
+        l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
+        delta=delta, clipping=clipping, accountant=accountant, seed=seed,
+    )
     chosen = {id(v) for v in cands}
 
     # Phase 1: noisy clipped sums of the candidates' per-example gradients, accumulated.
-    selector = DPModel(model, trainable=lambda v: id(v) in chosen)
     accumulator = NoisySumAccumulator()
-    selector.compile(
-        optimizer=DPOptimizer(accumulator, l2_norm_clip, noise_multiplier, clipping=clipping, accountant=accountant, seed=noise_seed),
-        loss=loss,
-    )
-    selector.fit(dataset, epochs=selection_epochs, callbacks=callbacks, **fit_kwargs)
+    selector = run.phase(lambda v: id(v) in chosen, accumulator)
+    selector.fit(run.dataset, epochs=selection_epochs, callbacks=callbacks, **fit_kwargs)
     variables = list(selector.selection.variables)
     sums = [accumulator.sums[accumulator._get_variable_index(v)].numpy() for v in variables]
     masks = select_rows(sums, density)
@@ -167,23 +155,16 @@ def sparta_fit(
     train_ids = {id(v) for v, m in zip(variables, masks) if m.any()}
     if train_biases:
         train_ids |= {id(v) for v in bias_variables(model)}
-    trainer = DPModel(model, trainable=lambda v: id(v) in train_ids)
-    trainer.compile(
-        optimizer=DPOptimizer(optimizer or keras.optimizers.Adam(1e-3), l2_norm_clip, noise_multiplier,
-                              clipping=clipping, accountant=accountant, seed=noise_seed),
-        loss=loss, metrics=metrics,
-    )
-    trainer.optimizer.build(list(trainer.selection.variables))
+    trainer = run.phase(lambda v: id(v) in train_ids, optimizer or keras.optimizers.Adam(1e-3), metrics, after=selector)
     trainer.optimizer.gradient_masks = [
         tf.constant(by_path[v.path]) if v.path in by_path else None for v in trainer.selection.variables
     ]
-    trainer.optimizer.continue_ledger(selector.optimizer)
-    history = trainer.fit(dataset, epochs=epochs, callbacks=callbacks, **fit_kwargs)
+    history = trainer.fit(run.dataset, epochs=epochs, callbacks=callbacks, **fit_kwargs)
     epsilon, _ = trainer.optimizer.privacy_spent(delta)
     return SpartaResult(
         model=trainer, masks=by_path, density=kept / sum(m.size for m in masks),
         selection_steps=selector.optimizer.dp_steps, steps=trainer.optimizer.dp_steps,
-        noise_multiplier=float(noise_multiplier), epsilon=epsilon, delta=delta, history=history,
+        noise_multiplier=run.noise_multiplier, epsilon=epsilon, delta=delta, history=history,
     )
 
 

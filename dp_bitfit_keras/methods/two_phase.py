@@ -10,9 +10,8 @@ import dataclasses
 
 import keras
 
+from dp_bitfit_keras.methods._run import PrivateRun
 from dp_bitfit_keras.model import DPModel
-from dp_bitfit_keras.optimizer import DPOptimizer
-from dp_bitfit_keras.privacy import accounting, sampling
 
 
 @dataclasses.dataclass
@@ -76,37 +75,18 @@ def two_phase_fit(
             raise ValueError(f"{name} must be an int >= 0; got {value!r}.")
     if phase1_epochs + phase2_epochs == 0:
         raise ValueError("Nothing to train: phase1_epochs + phase2_epochs == 0.")
-    if (noise_multiplier is None) == (target_epsilon is None):
-        raise ValueError("Give exactly one of noise_multiplier or target_epsilon.")
-    n = len(y) if y is not None else int(keras.tree.flatten(x)[0].shape[0])
-    if not 0 < batch_size <= n:
-        raise ValueError(f"batch_size must be in [1, {n}]; got {batch_size}.")
-    q = batch_size / n
-    dataset = sampling.poisson_batches((x, y), q, seed=seed)
-    steps_per_epoch = dataset.dp_sampler.steps_per_epoch
-    total_steps = steps_per_epoch * (phase1_epochs + phase2_epochs)
-    if noise_multiplier is None:
-        noise_multiplier = accounting.noise_multiplier_for_epsilon(target_epsilon, q, total_steps, delta, accountant)
-    noise_seed = dataset.dp_sampler.seed + 1 if seed is not None else None
-
-    def compiled(trainable, inner):
-        dp_model = DPModel(model, trainable=trainable)
-        dp_model.compile(
-            optimizer=DPOptimizer(inner, l2_norm_clip, noise_multiplier, clipping=clipping, accountant=accountant, seed=noise_seed),
-            loss=loss, metrics=metrics,
-        )
-        dp_model.optimizer.build(list(dp_model.selection.variables))
-        return dp_model
-
-    phase1 = compiled("all", phase1_optimizer or keras.optimizers.Adam(5e-4))
+    run = PrivateRun.plan(
+        model, x, y, loss=loss, batch_size=batch_size, total_epochs=phase1_epochs + phase2_epochs,
+        l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
+        delta=delta, clipping=clipping, accountant=accountant, seed=seed,
+    )
+    phase1 = run.phase("all", phase1_optimizer or keras.optimizers.Adam(5e-4), metrics)
     history1 = keras.callbacks.History()
     if phase1_epochs:
-        history1 = phase1.fit(dataset, epochs=phase1_epochs, callbacks=callbacks, **fit_kwargs)
-    phase2 = compiled(phase2_trainable, phase2_optimizer or keras.optimizers.Adam(5e-3))
-    phase1.optimizer._sampling_rate.assign(q)  # set even when phase 1 took no step
-    phase2.optimizer.continue_ledger(phase1.optimizer)
+        history1 = phase1.fit(run.dataset, epochs=phase1_epochs, callbacks=callbacks, **fit_kwargs)
+    phase2 = run.phase(phase2_trainable, phase2_optimizer or keras.optimizers.Adam(5e-3), metrics, after=phase1)
     history2 = keras.callbacks.History()
     if phase2_epochs:
-        history2 = phase2.fit(dataset, epochs=phase2_epochs, callbacks=callbacks, **fit_kwargs)
+        history2 = phase2.fit(run.dataset, epochs=phase2_epochs, callbacks=callbacks, **fit_kwargs)
     epsilon, _ = phase2.optimizer.privacy_spent(delta)
-    return TwoPhaseResult(phase2, history1, history2, float(noise_multiplier), phase2.optimizer.dp_steps, epsilon, delta)
+    return TwoPhaseResult(phase2, history1, history2, run.noise_multiplier, phase2.optimizer.dp_steps, epsilon, delta)

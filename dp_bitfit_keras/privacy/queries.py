@@ -129,8 +129,8 @@ class SeededQuantileAdaptiveClipSumQuery(QuantileAdaptiveClipSumQuery):
     drives the clip's geometric update) are `SeededGaussianSumQuery`s; the update rule, the
     global/sample state structure and the composed DpEvent are TF Privacy's.
 
-    `noise_multiplier` here is the *sum's* multiplier; `effective_noise_multiplier` gives the
-    one Gaussian equivalent to both releases, (σ_sum⁻² + (2·σ_count)⁻²)^(-1/2).
+    `noise_multiplier` here is the *sum's* multiplier; the one Gaussian equivalent to both
+    releases has (σ_sum⁻² + (2·σ_count)⁻²)^(-1/2) (see `sum_noise_multiplier_for`).
     """
 
     def __init__(self, initial_l2_norm_clip, sum_noise_multiplier, target_unclipped_quantile,
@@ -161,11 +161,6 @@ class SeededQuantileAdaptiveClipSumQuery(QuantileAdaptiveClipSumQuery):
             tf.constant(self.clip_learning_rate, tf.float32), below_state,
         )
         return self._GlobalState(tf.cast(sum_noise_multiplier, tf.float32), sum_state, estimator_state)
-
-
-def effective_noise_multiplier(sum_noise_multiplier, clipped_count_stddev):
-    """σ of the one Gaussian mechanism equivalent to the sum and count releases together."""
-    return (sum_noise_multiplier ** -2 + (2.0 * clipped_count_stddev) ** -2) ** -0.5
 
 
 def sum_noise_multiplier_for(noise_multiplier, clipped_count_stddev):

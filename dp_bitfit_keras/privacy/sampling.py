@@ -41,11 +41,6 @@ class PoissonSampler:
     micro_batches: int = 1
 
     @property
-    def elements_per_epoch(self) -> int:
-        """Dataset elements (Keras steps) per epoch: `steps_per_epoch * micro_batches`."""
-        return self.steps_per_epoch * self.micro_batches
-
-    @property
     def expected_batch_size(self) -> float:
         return self.num_examples * self.sampling_rate
 

@@ -1,0 +1,59 @@
+"""What the multi-phase methods share: one private run, several phases.
+
+Every phase of a run trains on the same Poisson stream with the same clip, noise multiplier,
+noise seed and accountant, and continues the ledger of the phase before it, so ε is accounted
+over all steps as one run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+
+from dp_bitfit_keras.model import DPModel
+from dp_bitfit_keras.optimizer import DPOptimizer
+from dp_bitfit_keras.privacy import accounting, sampling
+
+
+@dataclasses.dataclass
+class PrivateRun:
+    model: keras.Model
+    dataset: object  # from poisson_batches
+    loss: object
+    l2_norm_clip: float
+    noise_multiplier: float
+    clipping: str
+    accountant: str
+    noise_seed: int | None
+
+    @classmethod
+    def plan(cls, model, x, y, *, loss, batch_size, total_epochs, l2_norm_clip, noise_multiplier,
+             target_epsilon, delta, clipping, accountant, seed):
+        """Checks the arguments, builds the Poisson stream and fixes σ (given, or calibrated so
+        that `total_epochs` of steps spend `target_epsilon` at `delta`)."""
+        if (noise_multiplier is None) == (target_epsilon is None):
+            raise ValueError("Give exactly one of noise_multiplier or target_epsilon.")
+        n = len(y) if y is not None else int(keras.tree.flatten(x)[0].shape[0])
+        if not 0 < batch_size <= n:
+            raise ValueError(f"batch_size must be in [1, {n}]; got {batch_size}.")
+        q = batch_size / n
+        dataset = sampling.poisson_batches((x, y), q, seed=seed)
+        if noise_multiplier is None:
+            steps = dataset.dp_sampler.steps_per_epoch * total_epochs
+            noise_multiplier = accounting.noise_multiplier_for_epsilon(target_epsilon, q, steps, delta, accountant)
+        noise_seed = None if seed is None else seed + 1
+        return cls(model, dataset, loss, l2_norm_clip, float(noise_multiplier), clipping, accountant, noise_seed)
+
+    def phase(self, trainable, inner: keras.optimizers.Optimizer, metrics=None, after: DPModel | None = None) -> DPModel:
+        """A compiled, built `DPModel` for one phase; `after`: the phase whose ledger it continues."""
+        dp_model = DPModel(self.model, trainable=trainable)
+        dp_model.compile(
+            optimizer=DPOptimizer(inner, self.l2_norm_clip, self.noise_multiplier, clipping=self.clipping,
+                                  accountant=self.accountant, seed=self.noise_seed),
+            loss=self.loss, metrics=metrics,
+        )
+        dp_model.optimizer.build(list(dp_model.selection.variables))
+        if after is not None:
+            dp_model.optimizer.continue_ledger(after.optimizer)
+        return dp_model

@@ -34,6 +34,8 @@ flags.DEFINE_integer("batch_size", 128, "Expected logical batch size (Poisson sa
 flags.DEFINE_float("l2_norm_clip", 0.1, "Per-example clipping norm C.")
 flags.DEFINE_enum("clipping", "automatic", ["automatic", "abadi"], "Clipping style.")
 flags.DEFINE_float("learning_rate", None, "Adam learning rate; default per method (5e-3 for bias-only).")
+flags.DEFINE_integer("gradient_accumulation_steps", 1, "Private methods: split each Poisson batch into this many "
+                     "micro-batches, noise once per batch (same ε, ~1/k the memory; e.g. 4 for dp_full).")
 flags.DEFINE_integer("max_examples", 6000, "Use at most this many labelled examples (0: all).")
 flags.DEFINE_integer("sequence_length", 64, "Tokens per example (64 covers over 99% of the tweets).")
 flags.DEFINE_enum("pooling", "mean", ["mean", "cls"], "Classifier pooling over the backbone's outputs.")
@@ -52,7 +54,7 @@ def run():
         FLAGS.method, task.build_model, *splits,
         epsilon=FLAGS.epsilon, delta=FLAGS.delta, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
         l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, learning_rate=FLAGS.learning_rate or task.learning_rate(FLAGS.method),
-        seed=FLAGS.seed,
+        gradient_accumulation_steps=FLAGS.gradient_accumulation_steps, seed=FLAGS.seed,
     )
     export_dir = FLAGS.export_dir or recipes.default_export_dir(FLAGS.dataset, FLAGS.method, FLAGS.epsilon)
     model = result.base_model

@@ -147,3 +147,34 @@ def test_recipes_reject_bad_runs():
         recipes.train("dpsgd", build, data, data, data)
     with pytest.raises(ValueError, match="finite target epsilon"):
         recipes.train("dp_bitfit", build, data, data, data, epsilon=float("inf"))
+    with pytest.raises(ValueError, match="gradient-based private methods"):
+        recipes.train("bitfit", build, data, data, data, gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="gradient-based private methods"):
+        recipes.train("dpzero", build, data, data, data, gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="int >= 1"):
+        recipes.train("dp_full", build, data, data, data, gradient_accumulation_steps=0)
+
+
+@pytest.mark.parametrize("method", ["dp_full", "sparta"])
+def test_recipes_accumulate_micro_batches_into_logical_steps(method):
+    from dp_bitfit_keras import recipes
+
+    rng = np.random.RandomState(0)
+    x = rng.randn(160, 4).astype("float32")
+    data = (x, (x[:, 0] > 0).astype("int32"))
+    build = lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.Dense(2)])  # noqa: E731
+    result = recipes.train(method, build, data, data, data, epsilon=4.0, batch_size=16,
+                           gradient_accumulation_steps=2, verbose=0)
+    phases = 2 if method == "sparta" else 1  # SPARTA: a selection epoch, then a training epoch
+    assert result.steps == 10 * phases and result.epsilon <= 4.0 + 1e-6
+    assert result.ms_per_step > 0
+
+
+def test_step_timer_sums_the_micro_batches_of_a_step():
+    from dp_bitfit_keras import recipes
+
+    timer = recipes.StepTimer(group=3)
+    for _ in range(9):
+        timer.on_train_batch_begin(0)
+        timer.on_train_batch_end(0)
+    assert len(timer.times) == 3 and timer._pending == []

@@ -119,3 +119,28 @@ def test_sparta_trains_only_masked_entries_and_accounts_both_phases():
     accountant = dp_accounting.rdp.RdpAccountant()
     accountant.compose(event)
     assert result.epsilon == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_sparta_with_gradient_accumulation_is_the_same_run():
+    # Micro-batches (what lets large models fit) must not change the mechanism: same Poisson
+    # batches, same noise per logical batch, so the same selection, steps and ε.
+    rng = np.random.RandomState(5)
+    x = rng.randn(120, 6).astype("float32")
+    y = (x[:, 1] > 0).astype("int32")
+    results = []
+    for k in (1, 3):
+        keras.utils.set_random_seed(5)
+        base = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(3)])
+        results.append(dpk.methods.sparta(
+            base, x, y, loss=LOSS, density=0.3, batch_size=12, noise_multiplier=1.0, seed=3, verbose=0,
+            gradient_accumulation_steps=k,
+        ))
+        results[-1].weights = [w.numpy() for w in base.weights]
+    one, accumulated = results
+    assert accumulated.selection_steps == one.selection_steps == 10 and accumulated.steps == one.steps == 20
+    assert len(one.masks) == len(accumulated.masks) == 2
+    for a, b in zip(accumulated.masks.values(), one.masks.values()):  # paths differ: a second model
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(accumulated.weights, one.weights):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert accumulated.epsilon == one.epsilon

@@ -26,31 +26,38 @@ class PrivateRun:
     clipping: str
     accountant: str
     noise_seed: int | None
+    accumulation_steps: int = 1
 
     @classmethod
     def plan(cls, model, x, y, *, loss, batch_size, total_epochs, l2_norm_clip, noise_multiplier,
-             target_epsilon, delta, clipping, accountant, seed):
+             target_epsilon, delta, clipping, accountant, seed, gradient_accumulation_steps=1):
         """Checks the arguments, builds the Poisson stream and fixes σ (given, or calibrated so
-        that `total_epochs` of steps spend `target_epsilon` at `delta`)."""
+        that `total_epochs` of steps spend `target_epsilon` at `delta`). With
+        `gradient_accumulation_steps` k > 1 each Poisson batch arrives as k micro-batches and
+        every phase's optimizer accumulates them (same mechanism, ~1/k of the memory)."""
         if (noise_multiplier is None) == (target_epsilon is None):
             raise ValueError("Give exactly one of noise_multiplier or target_epsilon.")
         n = len(y) if y is not None else int(keras.tree.flatten(x)[0].shape[0])
         if not 0 < batch_size <= n:
             raise ValueError(f"batch_size must be in [1, {n}]; got {batch_size}.")
         q = batch_size / n
-        dataset = sampling.poisson_batches((x, y), q, seed=seed)
+        if not (isinstance(gradient_accumulation_steps, int) and gradient_accumulation_steps >= 1):
+            raise ValueError(f"gradient_accumulation_steps must be an int >= 1; got {gradient_accumulation_steps!r}.")
+        dataset = sampling.poisson_batches((x, y), q, seed=seed, micro_batches=gradient_accumulation_steps)
         if noise_multiplier is None:
             steps = dataset.dp_sampler.steps_per_epoch * total_epochs
             noise_multiplier = accounting.noise_multiplier_for_epsilon(target_epsilon, q, steps, delta, accountant)
         noise_seed = None if seed is None else seed + 1
-        return cls(model, dataset, loss, l2_norm_clip, float(noise_multiplier), clipping, accountant, noise_seed)
+        return cls(model, dataset, loss, l2_norm_clip, float(noise_multiplier), clipping, accountant, noise_seed,
+                   gradient_accumulation_steps)
 
     def phase(self, trainable, inner: keras.optimizers.Optimizer, metrics=None, after: DPModel | None = None) -> DPModel:
         """A compiled, built `DPModel` for one phase; `after`: the phase whose ledger it continues."""
         dp_model = DPModel(self.model, trainable=trainable)
         dp_model.compile(
             optimizer=DPOptimizer(inner, self.l2_norm_clip, self.noise_multiplier, clipping=self.clipping,
-                                  accountant=self.accountant, seed=self.noise_seed),
+                                  accountant=self.accountant, seed=self.noise_seed,
+                                  gradient_accumulation_steps=self.accumulation_steps),
             loss=self.loss, metrics=metrics,
         )
         dp_model.optimizer.build(list(dp_model.selection.variables))

@@ -108,6 +108,7 @@ def sparta_fit(
     train_biases: bool = False,
     clipping: str = "abadi",
     accountant: str = "rdp",
+    gradient_accumulation_steps: int = 1,
     metrics=None,
     callbacks=None,
     seed: int | None = None,
@@ -138,6 +139,7 @@ def sparta_fit(
         model, x, y, loss=loss, batch_size=batch_size, total_epochs=selection_epochs + epochs,
         l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
         delta=delta, clipping=clipping, accountant=accountant, seed=seed,
+        gradient_accumulation_steps=gradient_accumulation_steps,
     )
     chosen = {id(v) for v in cands}
 

@@ -43,6 +43,7 @@ def two_phase_fit(
     phase2_trainable="bias",
     clipping: str = "abadi",
     accountant: str = "rdp",
+    gradient_accumulation_steps: int = 1,
     metrics=None,
     callbacks=None,
     seed: int | None = None,
@@ -79,6 +80,7 @@ def two_phase_fit(
         model, x, y, loss=loss, batch_size=batch_size, total_epochs=phase1_epochs + phase2_epochs,
         l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
         delta=delta, clipping=clipping, accountant=accountant, seed=seed,
+        gradient_accumulation_steps=gradient_accumulation_steps,
     )
     phase1 = run.phase("all", phase1_optimizer or keras.optimizers.Adam(5e-4), metrics)
     history1 = keras.callbacks.History()

@@ -1,8 +1,10 @@
 """Benchmark harness: every training mode on one model, in one process, as ratios.
 
-Import this module before TensorFlow (the binaries in this folder do): it points XLA's dump of
-buffer assignments at a temporary folder, restricted to the memory probe's modules, so the
-peak memory of a compiled step can be read on CPU, where TF has no allocator statistics.
+Import this module before TensorFlow (the binaries in this folder do): through `xla_memory` it
+points XLA's dump of buffer assignments at a temporary folder, restricted to the memory probe's
+modules, so the peak memory of a compiled step can be read on CPU, where TF has no allocator
+statistics. The TF Privacy-on-Keras-2 peer modes (`LEGACY_MODES`) run in a child process
+(`tfp_legacy.py`) and are measured the same way.
 
 Memory on CPU is XLA's own figure for the compiled train step ("Total bytes used" of its
 buffer assignment: arguments incl. weights and optimizer slots, temporaries at their peak
@@ -13,19 +15,16 @@ sweep can probe batches that would take minutes to run. On GPU it is the allocat
 
 from __future__ import annotations
 
-import glob
+import importlib.util
 import json
 import os
-import re
+import subprocess
+import sys
 import tempfile
 import time
 
-_DUMP_DIR = os.environ.get("DPK_BENCH_XLA_DUMP") or tempfile.mkdtemp(prefix="dpk_bench_xla_")
-if "xla_dump_to" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "")
-        + f" --xla_dump_to={_DUMP_DIR} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*memory_probe.*"
-    ).strip()
+import xla_memory  # noqa: I001  (sets XLA's dump flags: before TensorFlow)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
@@ -49,6 +48,10 @@ SHAPES = {
 
 # mode: (variables, private), as in the example recipes. More families: MODE_BUILDERS.
 MODES = {m: recipes.METHODS[m] for m in ("full", "bitfit", "dp_bitfit", "dp_bitfit_head", "dp_full")}
+# The TF Privacy-on-Keras-2 peer (benchmarks/tfp_legacy.py): run in its own process, since
+# TF_USE_LEGACY_KERAS must be set before TensorFlow loads; needs the `legacy` extra (tf_keras).
+LEGACY_MODES = ("tf_keras_full", "tf_keras_bitfit", "tfp_legacy_full", "tfp_legacy_bitfit")
+LEGACY_BINARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tfp_legacy.py")
 RATIOS = [
     ("dp_bitfit", "bitfit"),
     ("dp_bitfit", "full"),
@@ -58,7 +61,14 @@ RATIOS = [
     ("dpzero", "dp_bitfit"),
     ("sparta", "dp_bitfit"),
     ("dp_full", "sparta"),
+    ("dp_bitfit", "tfp_legacy_full"),
+    ("dp_bitfit", "tfp_legacy_bitfit"),
+    ("dp_full", "tfp_legacy_full"),
+    ("tfp_legacy_full", "tf_keras_full"),
+    ("tfp_legacy_bitfit", "tf_keras_bitfit"),
+    ("full", "tf_keras_full"),
 ]
+MEMORY_RATIOS = [("dp_bitfit", "bitfit"), ("dp_bitfit", "tfp_legacy_full"), ("dp_bitfit", "tfp_legacy_bitfit")]
 VOCAB = 30522
 
 
@@ -158,6 +168,44 @@ MODE_BUILDERS["dpzero"] = _build_dpzero
 MODE_BUILDERS["sparta"] = _build_sparta
 
 
+def legacy_available() -> bool:
+    return importlib.util.find_spec("tf_keras") is not None
+
+
+def check_modes(shape: dict, modes, sweep: str = "none") -> None:
+    """Raises before anything is built: unknown modes, or peer modes that cannot run here."""
+    unknown = [m for m in modes if m not in MODE_BUILDERS and m not in LEGACY_MODES]
+    if unknown:
+        raise ValueError(f"unknown modes {unknown}; known: {sorted(MODE_BUILDERS) + list(LEGACY_MODES)}")
+    legacy = [m for m in modes if m in LEGACY_MODES]
+    if not legacy:
+        return
+    if not legacy_available():
+        raise ValueError(
+            f"{legacy} need tf_keras, which the default environment does not install: run with the "
+            "optional extra, `uv run --extra legacy python benchmarks/train_step.py ...`."
+        )
+    if shape["model"] != "bert":
+        raise ValueError(f"{legacy}: the tf_keras peer builds BERT shapes only; got {shape['model']!r}.")
+    if sweep == "batch":
+        raise ValueError(f"{legacy}: the batch sweep runs in-process modes only.")
+
+
+def run_legacy(shape: dict, modes, repeats: int, warmup: int, log=print) -> dict:
+    """Runs peer modes in a child process (TF_USE_LEGACY_KERAS=1); returns its report."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "legacy.json")
+        cmd = [sys.executable, LEGACY_BINARY, f"--shape_json={json.dumps(shape)}", f"--modes={','.join(modes)}",
+               f"--repeats={repeats}", f"--warmup={warmup}", f"--out={out}"]
+        log(f"[{', '.join(modes)}] in a tf_keras process ...")
+        proc = subprocess.run(cmd, env=dict(os.environ, TF_USE_LEGACY_KERAS="1"), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"the tf_keras peer failed:\n{proc.stderr[-4000:]}")
+        with open(out) as f:
+            return json.load(f)
+
+
 def build(shape: dict, mode: str) -> keras.Model:
     if mode not in MODE_BUILDERS:
         raise ValueError(f"unknown mode {mode!r}; known: {sorted(MODE_BUILDERS)}")
@@ -168,37 +216,23 @@ def trainable_params(model) -> int:
     return int(sum(np.prod(v.shape) for v in model.trainable_variables))
 
 
-_TOTAL = re.compile(r"Total bytes used: (\d+)")
-
-
 def xla_step_memory_mb(model, x, y) -> float | None:
-    """Peak memory of `model.train_step` compiled by XLA (compile only, nothing runs).
-
-    None when XLA's dump is not configured (this module imported after TF compiled anything).
-    """
-    before = set(glob.glob(os.path.join(_DUMP_DIR, "*memory-usage-report.txt")))
-
-    def memory_probe(x, y):
-        return model.train_step((x, y))
-
-    fn = tf.function(memory_probe, jit_compile=True)
-    fn.experimental_get_compiler_ir(x, y)(stage="optimized_hlo")
-    new = set(glob.glob(os.path.join(_DUMP_DIR, "*memory-usage-report.txt"))) - before
-    totals = []
-    for path in new:
-        with open(path) as f:
-            match = _TOTAL.search(f.read(4096))
-        if match:
-            totals.append(int(match.group(1)))
-        os.remove(path)
-    return max(totals) / 2**20 if totals else None
+    """Peak memory of `model.train_step` compiled by XLA (compile only, nothing runs)."""
+    return xla_memory.step_memory_mb(model.train_step, x, y)
 
 
 def run_modes(shape: dict, modes, repeats: int = 5, warmup: int = 2, log=print) -> dict:
-    """Times the modes interleaved on one batch; returns the report (JSON shape of the issue)."""
+    """Times the modes interleaved on one batch; returns the report (JSON shape of the issue).
+
+    Peer modes (`LEGACY_MODES`) run after ours in a tf_keras child process, same shape, batch,
+    repeats and machine; their results join the same list and ratios.
+    """
+    check_modes(shape, modes)
+    legacy = [m for m in modes if m in LEGACY_MODES]
+    ours = [m for m in modes if m not in LEGACY_MODES]
     x, y = batch(shape)
     runners, info = {}, {}
-    for mode in modes:
+    for mode in ours:
         log(f"[{mode}] build + compile ...")
         if gpu():
             tf.config.experimental.reset_memory_stats("GPU:0")
@@ -219,19 +253,27 @@ def run_modes(shape: dict, modes, repeats: int = 5, warmup: int = 2, log=print) 
             start = time.perf_counter()
             model.train_on_batch(x, y)
             info[mode]["times"].append(time.perf_counter() - start)
-    results = []
-    for mode in modes:
+    by_mode = {}
+    for mode in ours:
         r = info[mode]
         ms = 1e3 * float(np.median(r["times"]))
-        results.append({
+        by_mode[mode] = {
             "mode": mode,
             "ms_per_step": round(ms, 2),
             "examples_per_s": round(shape["batch"] / ms * 1e3, 1),
             "peak_mem_mb": None if r["peak_mem_mb"] is None else round(r["peak_mem_mb"], 1),
             "trainable_params": r["trainable_params"],
             "pfor_fallback": r["pfor_fallback"],
-        })
-    return {"shape": dict(shape), "device": device_name(), "results": results, "ratios": ratios(results)}
+        }
+    peer = None
+    if legacy:
+        peer = run_legacy(shape, legacy, repeats, warmup, log)
+        by_mode.update({r["mode"]: r for r in peer.pop("results")})
+    results = [by_mode[m] for m in modes]
+    report = {"shape": dict(shape), "device": device_name(), "results": results, "ratios": ratios(results)}
+    if peer:
+        report["peer"] = dict(peer, process="separate, TF_USE_LEGACY_KERAS=1, after ours")
+    return report
 
 
 def ratios(results) -> dict:
@@ -241,8 +283,9 @@ def ratios(results) -> dict:
     for a, b in RATIOS:
         if a in by and b in by:
             out[f"{a}/{b}"] = round(by[a] / by[b], 3)
-    if mem.get("dp_bitfit") and mem.get("bitfit"):
-        out["mem dp_bitfit/bitfit"] = round(mem["dp_bitfit"] / mem["bitfit"], 3)
+    for a, b in MEMORY_RATIOS:
+        if mem.get(a) and mem.get(b):
+            out[f"mem {a}/{b}"] = round(mem[a] / mem[b], 3)
     return out
 
 
@@ -261,6 +304,9 @@ def markdown(report: dict) -> str:
             f"{r['trainable_params']:,} | {r['pfor_fallback']} |"
         )
     lines += ["", "Ratios (step time): " + ", ".join(f"{k} = {v}" for k, v in report["ratios"].items())]
+    if "peer" in report:
+        peer = report["peer"]
+        lines += ["", f"Peer modes: tf_keras {peer['tf_keras']}, TensorFlow {peer['tensorflow']}, {peer['process']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -359,16 +405,27 @@ def _pyplot():
     return plt
 
 
+def _colour(mode: str) -> str:
+    """Ours private: blue; TF Privacy peer (private): orange; non-private (ours, tf_keras): greys."""
+    if mode.startswith("tfp_legacy"):
+        return "#ff7f0e"
+    if mode.startswith("tf_keras"):
+        return "#bbb"
+    return "#888" if mode in ("full", "bitfit", "bitfit_head") else "#1f77b4"
+
+
 def plot_report(report: dict, path: str):
     plt = _pyplot()
     modes = [r["mode"] for r in report["results"]]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, label in [(axes[0], "ms_per_step", "ms / step"), (axes[1], "peak_mem_mb", "peak memory (MB)")]:
         values = [r[key] or 0 for r in report["results"]]
-        bars = ax.bar(modes, values, color=["#888" if not m.startswith("dp") else "#1f77b4" for m in modes])
+        bars = ax.bar(modes, values, color=[_colour(m) for m in modes])
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
         ax.set_ylabel(label)
-        ax.tick_params(axis="x", rotation=30)
+        ax.tick_params(axis="x", rotation=40)
+        for tick in ax.get_xticklabels():
+            tick.set_horizontalalignment("right")
     s = report["shape"]
     fig.suptitle(f"{s.get('model')} {json.dumps({k: v for k, v in s.items() if k != 'model'})} — {report['device']}", fontsize=9)
     _save(plt, fig, path)

@@ -5,7 +5,13 @@
     uv run python benchmarks/train_step.py --sweep=batch --out=benchmarks/results/cpu_batch.json
 
 Modes: `full` / `bitfit` (non-private Keras steps), `dp_bitfit`, `dp_bitfit_head`, `dp_full`
-(DPModel), and whatever other families register in `harness.MODE_BUILDERS`. Same random-init
+(DPModel), and whatever other families register in `harness.MODE_BUILDERS`; with the `legacy`
+extra also the TF Privacy-on-Keras-2 peer (`tf_keras_full`, `tf_keras_bitfit`,
+`tfp_legacy_full`, `tfp_legacy_bitfit`: benchmarks/tfp_legacy.py, run in its own process):
+
+    uv run --extra legacy python benchmarks/train_step.py --shape=small \
+        --modes=full,bitfit,dp_bitfit,dp_full,tf_keras_full,tf_keras_bitfit,tfp_legacy_full,tfp_legacy_bitfit
+ Same random-init
 keras-hub model, batch and seed for all; every step XLA-compiled; modes interleaved over the
 timed repetitions, compile/warm-up steps excluded. Writes JSON, a Markdown table (.md) and a
 plot (.png) next to `--out`.
@@ -34,6 +40,10 @@ flags.DEFINE_string("out", None, "Write JSON here, and .md / .png beside it.")
 def main(_):
     shape = dict(harness.SHAPES[FLAGS.shape], name=FLAGS.shape)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        harness.check_modes(shape, FLAGS.modes, FLAGS.sweep)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
     if FLAGS.sweep == "none":
         report = harness.run_modes(shape, FLAGS.modes, FLAGS.repeats, FLAGS.warmup, log=log)
         table, plot = harness.markdown(report), harness.plot_report

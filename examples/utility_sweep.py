@@ -6,20 +6,36 @@
 Private methods run at each finite ε; non-private ones (`bitfit`, `full`) once, as ε = ∞. Same
 seed, data split and model for all; each task's data (and the digits' public pretraining) is
 prepared once.
+
+With the `legacy` extra, the text task also runs the TF Privacy-on-Keras-2 peer
+(`tfp_legacy_full`, `tfp_legacy_bitfit`: benchmarks/tfp_legacy.py in its own process, from the
+same tokenized data and the same starting weights as ours):
+
+    uv run --extra legacy python examples/utility_sweep.py --tasks=text --epsilons=8 \
+        --methods=dp_bitfit,dp_full,tfp_legacy_full,tfp_legacy_bitfit --out=results/utility_text_peer
 """
 
+import importlib.util
 import json
 import math
 import os
+import subprocess
 import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from dp_bitfit_keras import recipes, tasks  # noqa: E402
 
 FLAGS = flags.FLAGS
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEER_BINARY = os.path.join(ROOT, "benchmarks", "tfp_legacy.py")
+# TF Privacy peer method -> our method training the same variables (its learning rate is used).
+PEER_METHODS = {"tfp_legacy_full": "dp_full", "tfp_legacy_bitfit": "dp_bitfit"}
+TEXT_POOLING = "mean"
 flags.DEFINE_list("tasks", ["text", "image"], "Offline tasks: text (tweets_binary, MiniLM), image (digits transfer).")
 flags.DEFINE_list("epsilons", ["1", "3", "8", "inf"], "Target ε values; inf = the non-private methods.")
 flags.DEFINE_list("methods", list(recipes.METHODS), "Methods.")
@@ -34,7 +50,7 @@ flags.DEFINE_string("out", "results/utility", "Output prefix: writes <out>.json,
 
 def _runs(methods, epsilons):
     for method in methods:
-        private = recipes.METHODS[method][1]
+        private = method in PEER_METHODS or recipes.METHODS[method][1]
         for eps in epsilons:
             if private == math.isfinite(eps):
                 yield method, eps
@@ -44,11 +60,73 @@ def _own_flags():
     return {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])}
 
 
+def check_methods(methods, task_names):
+    unknown = [m for m in methods if m not in recipes.METHODS and m not in PEER_METHODS]
+    if unknown:
+        raise app.UsageError(f"unknown methods {unknown}; known: {list(recipes.METHODS) + list(PEER_METHODS)}")
+    peers = [m for m in methods if m in PEER_METHODS]
+    if peers and importlib.util.find_spec("tf_keras") is None:
+        raise app.UsageError(f"{peers} need tf_keras: `uv run --extra legacy python examples/utility_sweep.py ...`")
+
+
+def write_peer_task(task, path, seed):
+    """Everything the tf_keras peer needs, in one .npz: tokenized splits, the keras-hub weights
+    of the model our runs start from (built with the same seed, so the same head), and its
+    logits on a few test examples (the peer checks its rebuild against them)."""
+    import keras
+    import keras_hub
+
+    keras.utils.set_random_seed(seed)  # as recipes.train: the same initial head
+    model = task.build_model()
+    backbone = next(layer for layer in model.layers if isinstance(layer, keras_hub.models.BertBackbone))
+    config = backbone.get_config()
+    meta = {
+        "shape": {"model": "bert", "layers": config["num_layers"], "hidden": config["hidden_dim"], "heads": config["num_heads"],
+                  "intermediate": config["intermediate_dim"], "max_positions": config["max_sequence_length"],
+                  "vocab": config["vocabulary_size"], "seq": int(task.splits.train[0]["token_ids"].shape[1])},
+        "num_classes": len(task.splits.class_names),
+        "pooling": TEXT_POOLING,
+    }
+    arrays = {"meta": json.dumps(meta)}
+    for name, (x, y) in zip(("train", "validation", "test"), (task.splits.train, task.splits.validation, task.splits.test)):
+        arrays.update({f"{name}/{k}": v for k, v in x.items()})
+        arrays[f"{name}/y"] = y
+    unused = ("pooled_dense/",) if TEXT_POOLING == "mean" else ()
+    arrays.update({f"weights/{w.path}": w.numpy() for w in model.weights if not w.path.startswith(unused)})
+    x_test = task.splits.test[0]
+    arrays["reference_logits"] = keras.ops.convert_to_numpy(model({k: v[:8] for k, v in x_test.items()}, training=False))
+    np.savez(path, **arrays)
+
+
+def peer_run(task, task_file, method, eps, epochs, batch_size):
+    """One TF Privacy peer run in a tf_keras process; returns its result row."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "row.json")
+        cmd = [sys.executable, PEER_BINARY, f"--text_npz={task_file}", f"--text_mode={method}", f"--epsilon={eps}",
+               f"--batch_size={batch_size}", f"--epochs={epochs}", f"--learning_rate={task.learning_rate(PEER_METHODS[method])}",
+               f"--seed={FLAGS.seed}", f"--out={out}"]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, TF_USE_LEGACY_KERAS="1"))
+        with open(out) as f:
+            return json.load(f)
+
+
 def sweep(task_name, task, epochs, batch_size):
     rows = []
     epsilons = [float(e) for e in FLAGS.epsilons]
+    task_file = None
     for method, eps in _runs(FLAGS.methods, epsilons):
         print(f"== {task_name}: {method} at ε = {eps:g}", flush=True)
+        if method in PEER_METHODS:
+            if not task_name.startswith("text"):
+                print("   skipped: the TF Privacy peer runs on the text task only", flush=True)
+                continue
+            if task_file is None:
+                task_file = os.path.join(tempfile.mkdtemp(prefix="dpk_peer_"), "task.npz")
+                write_peer_task(task, task_file, FLAGS.seed)
+            row = dict(peer_run(task, task_file, method, eps, epochs, batch_size), task=task_name, target_epsilon=eps)
+            print(json.dumps({k: row[k] for k in ("method", "target_epsilon", "epsilon", "validation_accuracy", "test_accuracy", "ms_per_step")}), flush=True)
+            rows.append(row)
+            continue
         result = recipes.train(
             method, task.build_model, task.splits.train, task.splits.validation, task.splits.test,
             epsilon=eps if math.isfinite(eps) else 1.0, epochs=epochs, batch_size=batch_size,
@@ -120,10 +198,11 @@ def main(_):
 def run():
     """Runs the sweep named by the flags; writes <out>.json, .md, .png; returns the rows."""
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+    check_methods(FLAGS.methods, FLAGS.tasks)
     rows = []
     for name in FLAGS.tasks:
         if name == "text":
-            task = tasks.text_task(max_examples=FLAGS.text_max_examples or None)
+            task = tasks.text_task(max_examples=FLAGS.text_max_examples or None, pooling=TEXT_POOLING)
             rows += sweep("text: tweets_binary, MiniLM-L6", task, FLAGS.text_epochs, FLAGS.text_batch_size)
         elif name == "image":
             task = tasks.digits_transfer_task(seed=FLAGS.seed)

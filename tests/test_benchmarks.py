@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINARY = os.path.join(ROOT, "benchmarks", "train_step.py")
 RESULT_KEYS = {"mode", "ms_per_step", "examples_per_s", "peak_mem_mb", "trainable_params", "pfor_fallback"}
@@ -47,3 +49,57 @@ def test_batch_sweep_finds_a_batch_under_the_cap(tmp_path):
         # One more example per step would pass the cap (affine model, within one example).
         assert r["mem_at_largest_mb"] + 2 * r["mb_per_example"] > 64
     assert by["bitfit"]["largest_batch"] > by["dp_full"]["largest_batch"]
+
+
+LEGACY = ["tf_keras_full", "tf_keras_bitfit", "tfp_legacy_full", "tfp_legacy_bitfit"]
+
+
+def test_peer_modes_without_tf_keras_stop_before_any_step():
+    # The default environment has no tf_keras (CI): asking for the peer must say how to get it.
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import harness; harness.legacy_available = lambda: False;"
+        "import train_step; from absl import app; sys.argv = ['train_step', '--shape=tiny', '--modes=dp_bitfit,tfp_legacy_full'];"
+        "app.run(train_step.main)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, os.path.dirname(BINARY)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "uv run --extra legacy" in proc.stderr and "build + compile" not in proc.stderr
+
+
+def _legacy_installed():
+    import importlib.util
+
+    return importlib.util.find_spec("tf_keras") is not None
+
+
+needs_tf_keras = pytest.mark.skipif(not _legacy_installed(), reason="the TF Privacy peer needs the `legacy` extra (tf_keras)")
+
+
+@needs_tf_keras
+def test_tf_privacy_peer_runs_in_the_same_report(tmp_path):
+    out = tmp_path / "peer.json"
+    _run("--shape=tiny", "--repeats=1", "--warmup=2", f"--modes=full,bitfit,dp_bitfit,{','.join(LEGACY)}", f"--out={out}")
+    report = json.loads(out.read_text())
+    by = {r["mode"]: r for r in report["results"]}
+    assert list(by) == ["full", "bitfit", "dp_bitfit", *LEGACY]
+    for r in by.values():
+        assert set(r) == RESULT_KEYS and r["ms_per_step"] > 0 and r["peak_mem_mb"] > 0
+    # The same model in both Keras versions: same full and bias-only parameter counts.
+    assert by["tf_keras_full"]["trainable_params"] == by["tfp_legacy_full"]["trainable_params"] == by["full"]["trainable_params"]
+    assert by["tf_keras_bitfit"]["trainable_params"] == by["tfp_legacy_bitfit"]["trainable_params"] == by["bitfit"]["trainable_params"]
+    assert by["tfp_legacy_full"]["peak_mem_mb"] > by["tf_keras_full"]["peak_mem_mb"]
+    assert {"dp_bitfit/tfp_legacy_full", "dp_bitfit/tfp_legacy_bitfit", "mem dp_bitfit/tfp_legacy_full"} <= set(report["ratios"])
+    assert report["peer"]["tf_keras"].startswith("2.")
+    assert "Peer modes: tf_keras" in (tmp_path / "peer.md").read_text()
+
+
+@needs_tf_keras
+def test_tf_privacy_peer_bitfit_moves_only_biases():
+    shape = {"model": "bert", "batch": 4, "seq": 16, "layers": 1, "hidden": 32}
+    script = os.path.join(ROOT, "tests", "scripts", "legacy_bitfit_check.py")
+    proc = subprocess.run([sys.executable, script, json.dumps(shape)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["moved"] == result["trainable"]  # every bias moved, no kernel did
+    assert len(result["trainable"]) == 11 and all(n.split("/")[-1] in ("bias:0", "beta:0") for n in result["trainable"])
+    assert result["total_params"] == 991_170  # the harness's tiny BERT

@@ -2,6 +2,7 @@
 
 import contextlib
 import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 import tensorflow_datasets as tfds
 from absl import flags
 
+import dp_bitfit_keras as dpk
 from dp_bitfit_keras import text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,3 +180,31 @@ def test_step_timer_sums_the_micro_batches_of_a_step():
         timer.on_train_batch_begin(0)
         timer.on_train_batch_end(0)
     assert len(timer.times) == 3 and timer._pending == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tf_keras") is None, reason="the TF Privacy peer needs the `legacy` extra (tf_keras)")
+@pytest.mark.parametrize("method", ["tfp_legacy_bitfit", "tfp_legacy_full"])
+def test_utility_sweep_peer_starts_from_our_model_and_is_accounted(tiny_preset, tmp_path, method):
+    from dp_bitfit_keras import tasks
+
+    with tfds.testing.mock_data(num_examples=40):
+        task = tasks.text_task(tiny_preset, "glue/sst2", max_examples=100, sequence_length=16, pooling="mean")
+    with _example("utility_sweep") as module:
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["utility_sweep"])
+        try:
+            path = str(tmp_path / "task.npz")
+            module.write_peer_task(task, path, seed=0)
+            row = module.peer_run(task, path, method, 4.0, epochs=1, batch_size=16)
+        finally:
+            flags.FLAGS.unparse_flags()
+    # The tf_keras rebuild reproduced our Keras 3 model's logits from the same weights.
+    assert row["reference_logit_gap"] < 1e-4
+    assert row["epsilon"] == pytest.approx(4.0, rel=0.02)
+    assert row["steps"] == -(-len(task.splits.train[1]) // 16)
+    ours = dpk.DPModel(task.build_model(), trainable="bias" if method.endswith("bitfit") else "all")
+    # Same variables, less the backbone's [CLS] pooler, which mean pooling leaves unused (the
+    # peer does not build it; ours keeps it, with zero gradient).
+    unused = sum(int(np.prod(v.shape)) for v in ours.selection.variables if v.path.startswith("pooled_dense/"))
+    assert unused > 0 and row["trainable_params"] == ours.selection.num_trainable - unused
+    assert 0.0 <= row["test_accuracy"] <= 1.0

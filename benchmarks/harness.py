@@ -21,9 +21,9 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import xla_memory  # noqa: I001  (sets XLA's dump flags: before TensorFlow)
+from rows import result_row, time_interleaved
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -247,24 +247,12 @@ def run_modes(shape: dict, modes, repeats: int = 5, warmup: int = 2, log=print) 
             peak = xla_step_memory_mb(model, x, y)
         runners[mode] = model
         info[mode] = dict(trainable_params=trainable_params(model), pfor_fallback=fallback, peak_mem_mb=peak, times=[])
-    for i in range(repeats):
-        log(f"timing round {i + 1}/{repeats}")
-        for mode, model in runners.items():
-            start = time.perf_counter()
-            model.train_on_batch(x, y)
-            info[mode]["times"].append(time.perf_counter() - start)
-    by_mode = {}
-    for mode in ours:
-        r = info[mode]
-        ms = 1e3 * float(np.median(r["times"]))
-        by_mode[mode] = {
-            "mode": mode,
-            "ms_per_step": round(ms, 2),
-            "examples_per_s": round(shape["batch"] / ms * 1e3, 1),
-            "peak_mem_mb": None if r["peak_mem_mb"] is None else round(r["peak_mem_mb"], 1),
-            "trainable_params": r["trainable_params"],
-            "pfor_fallback": r["pfor_fallback"],
-        }
+    for mode, times in time_interleaved(runners, x, y, repeats, log).items():
+        info[mode]["times"] = times
+    by_mode = {
+        mode: result_row(mode, r["times"], shape["batch"], r["peak_mem_mb"], r["trainable_params"], r["pfor_fallback"])
+        for mode, r in info.items()
+    }
     peer = None
     if legacy:
         peer = run_legacy(shape, legacy, repeats, warmup, log)

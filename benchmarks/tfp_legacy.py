@@ -42,6 +42,7 @@ sys.skip_tf_privacy_import = True  # tensorflow_privacy/__init__ imports tensorf
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import xla_memory  # noqa: E402,I001  (XLA dump flags: before TensorFlow)
+from rows import result_row, time_interleaved  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -248,24 +249,13 @@ def run_modes(shape: dict, modes, repeats: int = 5, warmup: int = 2, log=print) 
             peak_mem_mb=xla_memory.step_memory_mb(model.train_step, x, y),
             times=[],
         )
-    for i in range(repeats):
-        log(f"timing round {i + 1}/{repeats}")
-        for mode, model in runners.items():
-            start = time.perf_counter()
-            model.train_on_batch(x, y)
-            info[mode]["times"].append(time.perf_counter() - start)
-    results = []
-    for mode in modes:
-        r = info[mode]
-        ms = 1e3 * float(np.median(r["times"]))
-        results.append({
-            "mode": mode,
-            "ms_per_step": round(ms, 2),
-            "examples_per_s": round(shape["batch"] / ms * 1e3, 1),
-            "peak_mem_mb": None if r["peak_mem_mb"] is None else round(r["peak_mem_mb"], 1),
-            "trainable_params": r["trainable_params"],
-            "pfor_fallback": r["pfor_fallback"],
-        })
+    for mode, times in time_interleaved(runners, x, y, repeats, log).items():
+        info[mode]["times"] = times
+    results = [
+        result_row(mode, info[mode]["times"], shape["batch"], info[mode]["peak_mem_mb"], info[mode]["trainable_params"],
+                   info[mode]["pfor_fallback"])
+        for mode in modes
+    ]
     return results
 
 

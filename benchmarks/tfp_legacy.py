@@ -11,8 +11,12 @@ for the modes below (same machine, same invocation as ours), e.g.
 
 The model is keras-hub's `BertTextClassifier` layout rebuilt from tf_keras layers (token,
 position and segment `Embedding`s, `LayerNormalization`, `MultiHeadAttention`, GELU `Dense`
-feed-forward, post-LN residuals, tanh pooler on the first token, dropout 0.1, `Dense` head):
-the same parameter count as the harness's model (checked by the smoke test).
+feed-forward, post-LN residuals, tanh pooler on the first token or mean pooling, dropout 0.1,
+`Dense` head): the same parameter count as the harness's model (checked by the smoke test).
+
+With `--text_npz` it instead trains on the offline text task that examples/utility_sweep.py
+exports (tokenized splits plus the starting weights of our Keras 3 model; the rebuild must
+reproduce that model's logits before it trains): see `text_run`.
 
 Modes:
   tf_keras_full, tf_keras_bitfit: non-private Keras 2 steps (all weights / biases only).

@@ -60,7 +60,7 @@ def _own_flags():
     return {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.modules[__name__])}
 
 
-def check_methods(methods, task_names):
+def check_methods(methods):
     unknown = [m for m in methods if m not in recipes.METHODS and m not in PEER_METHODS]
     if unknown:
         raise app.UsageError(f"unknown methods {unknown}; known: {list(recipes.METHODS) + list(PEER_METHODS)}")
@@ -111,8 +111,13 @@ def peer_run(task, task_file, method, eps, epochs, batch_size):
 
 
 def sweep(task_name, task, epochs, batch_size):
-    rows = []
     epsilons = [float(e) for e in FLAGS.epsilons]
+    with tempfile.TemporaryDirectory(prefix="dpk_peer_") as scratch:  # the peer's task file, if any
+        return _sweep_runs(task_name, task, epochs, batch_size, epsilons, scratch)
+
+
+def _sweep_runs(task_name, task, epochs, batch_size, epsilons, scratch):
+    rows = []
     task_file = None
     for method, eps in _runs(FLAGS.methods, epsilons):
         print(f"== {task_name}: {method} at ε = {eps:g}", flush=True)
@@ -121,7 +126,7 @@ def sweep(task_name, task, epochs, batch_size):
                 print("   skipped: the TF Privacy peer runs on the text task only", flush=True)
                 continue
             if task_file is None:
-                task_file = os.path.join(tempfile.mkdtemp(prefix="dpk_peer_"), "task.npz")
+                task_file = os.path.join(scratch, "task.npz")
                 write_peer_task(task, task_file, FLAGS.seed)
             row = dict(peer_run(task, task_file, method, eps, epochs, batch_size), task=task_name, target_epsilon=eps)
             print(json.dumps({k: row[k] for k in ("method", "target_epsilon", "epsilon", "validation_accuracy", "test_accuracy", "ms_per_step")}), flush=True)
@@ -198,7 +203,7 @@ def main(_):
 def run():
     """Runs the sweep named by the flags; writes <out>.json, .md, .png; returns the rows."""
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-    check_methods(FLAGS.methods, FLAGS.tasks)
+    check_methods(FLAGS.methods)
     rows = []
     for name in FLAGS.tasks:
         if name == "text":

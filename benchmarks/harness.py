@@ -23,7 +23,7 @@ import sys
 import tempfile
 
 import xla_memory  # noqa: I001  (sets XLA's dump flags: before TensorFlow)
-from rows import result_row, time_interleaved
+from rows import VOCAB, bert_batch, result_row, time_interleaved
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -69,7 +69,6 @@ RATIOS = [
     ("full", "tf_keras_full"),
 ]
 MEMORY_RATIOS = [("dp_bitfit", "bitfit"), ("dp_bitfit", "tfp_legacy_full"), ("dp_bitfit", "tfp_legacy_bitfit")]
-VOCAB = 30522
 
 
 def gpu() -> bool:
@@ -109,13 +108,7 @@ def batch(shape: dict, batch_size: int | None = None):
     """A fixed synthetic batch (timing and memory do not depend on the values)."""
     b = batch_size or shape["batch"]
     if shape["model"] == "bert":
-        t = shape["seq"]
-        x = {
-            "token_ids": tf.random.stateless_uniform((b, t), (1, 2), 1, VOCAB, tf.int32),
-            "segment_ids": tf.zeros((b, t), tf.int32),
-            "padding_mask": tf.ones((b, t), tf.bool),
-        }
-        return x, tf.random.stateless_uniform((b,), (3, 4), 0, 2, tf.int32)
+        return bert_batch(b, shape["seq"])
     s = shape["image"]
     x = tf.random.stateless_uniform((b, s, s, 3), (1, 2))
     return x, tf.random.stateless_uniform((b,), (3, 4), 0, 10, tf.int32)

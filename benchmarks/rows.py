@@ -1,8 +1,24 @@
-"""One result row of the benchmark JSON (shared by the harness and the tf_keras peer process)."""
+"""What the harness and the tf_keras peer process share: the synthetic BERT batch, the result
+row of the benchmark JSON and the interleaved timer. Imports no Keras (the peer's process must
+load tf_keras, ours Keras 3)."""
 
 from __future__ import annotations
 
 import statistics
+
+VOCAB = 30522  # BERT's WordPiece vocabulary
+
+
+def bert_batch(batch_size: int, seq: int):
+    """A fixed synthetic BERT batch, the same tokens and labels in both processes."""
+    import tensorflow as tf
+
+    x = {
+        "token_ids": tf.random.stateless_uniform((batch_size, seq), (1, 2), 1, VOCAB, tf.int32),
+        "segment_ids": tf.zeros((batch_size, seq), tf.int32),
+        "padding_mask": tf.ones((batch_size, seq), tf.bool),
+    }
+    return x, tf.random.stateless_uniform((batch_size,), (3, 4), 0, 2, tf.int32)
 
 
 def result_row(mode: str, times: list[float], batch_size: int, peak_mem_mb, trainable_params: int, pfor_fallback) -> dict:

@@ -46,7 +46,7 @@ sys.skip_tf_privacy_import = True  # tensorflow_privacy/__init__ imports tensorf
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import xla_memory  # noqa: E402,I001  (XLA dump flags: before TensorFlow)
-from rows import result_row, time_interleaved  # noqa: E402
+from rows import VOCAB, bert_batch, result_row, time_interleaved  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -55,7 +55,6 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")
-VOCAB = 30522  # as the harness
 MODES = ("tf_keras_full", "tf_keras_bitfit", "tfp_legacy_full", "tfp_legacy_bitfit")
 
 
@@ -204,19 +203,10 @@ def build(shape: dict, mode: str):
     return model
 
 
-def batch(shape: dict):
-    """The harness's synthetic batch (same seeds, so the same tokens and labels)."""
-    b, t = shape["batch"], shape["seq"]
-    x = {
-        "token_ids": tf.random.stateless_uniform((b, t), (1, 2), 1, VOCAB, tf.int32),
-        "segment_ids": tf.zeros((b, t), tf.int32),
-        "padding_mask": tf.ones((b, t), tf.bool),
-    }
-    return x, tf.random.stateless_uniform((b,), (3, 4), 0, 2, tf.int32)
-
-
 class _FallbackLog(logging.Handler):
-    """Notes pfor's while_loop fallbacks (TF logs them) while a step compiles."""
+    """Notes pfor's while_loop fallbacks (TF logs them) while a step compiles. (Not
+    `dp_bitfit_keras.last_pfor_fallbacks`: importing our package here would register its pfor
+    converters in the peer's process.)"""
 
     def __init__(self):
         super().__init__()
@@ -230,7 +220,7 @@ class _FallbackLog(logging.Handler):
 def run_modes(shape: dict, modes, repeats: int = 5, warmup: int = 2, log=print) -> list[dict]:
     """Times the modes interleaved on one batch; results in the harness's format."""
     tf_keras_version()
-    x, y = batch(shape)
+    x, y = bert_batch(shape["batch"], shape["seq"])
     runners, info = {}, {}
     logger = tf.get_logger()
     for mode in modes:
@@ -264,6 +254,8 @@ def run_modes(shape: dict, modes, repeats: int = 5, warmup: int = 2, log=print) 
 
 
 class _StepTimer(tf.keras.callbacks.Callback):
+    """Step times in fit (a tf_keras callback: `recipes.StepTimer` is a Keras 3 one)."""
+
     def __init__(self):
         super().__init__()
         self.times = []
@@ -278,7 +270,7 @@ class _StepTimer(tf.keras.callbacks.Callback):
 TEXT_PARTS = ("token_ids", "segment_ids", "padding_mask")
 
 
-def text_run(npz_path: str, mode: str, *, epsilon: float, delta: float, batch_size: int, epochs: int,
+def text_run(npz_path: str, mode: str, *, epsilon: float, delta: float | None, batch_size: int, epochs: int,
              l2_norm_clip: float, learning_rate: float, seed: int = 0, log=print) -> dict:
     """TF Privacy's DP-SGD on a text task prepared by examples/utility_sweep.py.
 
@@ -302,6 +294,7 @@ def text_run(npz_path: str, mode: str, *, epsilon: float, delta: float, batch_si
     (x_train, y_train), validation, (x_test, y_test) = split("train"), split("validation"), split("test")
     weights = {k.removeprefix("weights/"): data[k] for k in data.files if k.startswith("weights/")}
     n = len(y_train)
+    delta = delta or 1 / (2 * n)
     steps = int(np.ceil(epochs * n / batch_size))
     sigma = float(compute_noise_from_budget_lib.compute_noise(n, batch_size, epsilon, epochs, delta, 1e-5))
     tf.keras.utils.set_random_seed(seed)
@@ -360,9 +353,8 @@ flags.DEFINE_string("out", None, "Write the results (JSON) here.")
 def main(_):
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if FLAGS.text_npz:
-        n = int(np.load(FLAGS.text_npz)["train/y"].shape[0])
         report = text_run(
-            FLAGS.text_npz, FLAGS.text_mode, epsilon=FLAGS.epsilon, delta=FLAGS.delta or 1 / (2 * n),
+            FLAGS.text_npz, FLAGS.text_mode, epsilon=FLAGS.epsilon, delta=FLAGS.delta,
             batch_size=FLAGS.batch_size, epochs=FLAGS.epochs, l2_norm_clip=FLAGS.l2_norm_clip,
             learning_rate=FLAGS.learning_rate, seed=FLAGS.seed, log=log,
         )

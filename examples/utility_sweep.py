@@ -128,16 +128,14 @@ def _sweep_runs(task_name, task, epochs, batch_size, epsilons, scratch):
             if task_file is None:
                 task_file = os.path.join(scratch, "task.npz")
                 write_peer_task(task, task_file, FLAGS.seed)
-            row = dict(peer_run(task, task_file, method, eps, epochs, batch_size), task=task_name, target_epsilon=eps)
-            print(json.dumps({k: row[k] for k in ("method", "target_epsilon", "epsilon", "validation_accuracy", "test_accuracy", "ms_per_step")}), flush=True)
-            rows.append(row)
-            continue
-        result = recipes.train(
-            method, task.build_model, task.splits.train, task.splits.validation, task.splits.test,
-            epsilon=eps if math.isfinite(eps) else 1.0, epochs=epochs, batch_size=batch_size,
-            learning_rate=task.learning_rate(method), seed=FLAGS.seed, verbose=0,
-        )
-        row = dict(result.as_dict(), task=task_name, target_epsilon=eps)
+            result = peer_run(task, task_file, method, eps, epochs, batch_size)
+        else:
+            result = recipes.train(
+                method, task.build_model, task.splits.train, task.splits.validation, task.splits.test,
+                epsilon=eps if math.isfinite(eps) else 1.0, epochs=epochs, batch_size=batch_size,
+                learning_rate=task.learning_rate(method), seed=FLAGS.seed, verbose=0,
+            ).as_dict()
+        row = dict(result, task=task_name, target_epsilon=eps)
         print(json.dumps({k: row[k] for k in ("method", "target_epsilon", "epsilon", "validation_accuracy", "test_accuracy", "ms_per_step")}), flush=True)
         rows.append(row)
     return rows

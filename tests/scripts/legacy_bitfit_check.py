@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 shape = json.loads(sys.argv[1])
 model = tfp_legacy.build(shape, "tfp_legacy_bitfit")
 before = {w.name: w.numpy().copy() for w in model.weights}
-x, y = tfp_legacy.batch(shape)
+x, y = tfp_legacy.bert_batch(shape["batch"], shape["seq"])
 model.train_on_batch(x, y)
 moved = sorted({w.name for w in model.weights if not np.array_equal(w.numpy(), before[w.name])})
 print(json.dumps({

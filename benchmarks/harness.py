@@ -120,7 +120,7 @@ def _loss():
 
 def _private(model, inner, l2_norm_clip, shape):
     """Compiles a DPModel for one step of the benchmark: σ = 1, q = batch / 10,000."""
-    model.compile(optimizer=dpk.DPOptimizer(inner, l2_norm_clip=l2_norm_clip, noise_multiplier=1.0, seed=0), loss=_loss())
+    model.compile(optimizer=dpk.DPOptimizer(inner, l2_norm_clip=l2_norm_clip, noise_multiplier=1.0), loss=_loss())
     model.optimizer.build(model.trainable_variables)
     model.optimizer.begin_run(sampling_rate=shape["batch"] / 10000, expected_batch_size=shape["batch"], planned_steps=100)
     return model

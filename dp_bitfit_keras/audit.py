@@ -19,13 +19,19 @@ gives a bound above it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 
 import numpy as np
 import tensorflow as tf
 from scipy import stats
 
-from dp_bitfit_keras.privacy import accounting
+from dp_bitfit_keras.privacy import accounting, prng
+
+
+def _trial_key(seed: int, trial: int, world: int) -> np.ndarray:
+    digest = hashlib.sha256(f"dp_bitfit_keras/audit/{seed}/{trial}/{world}".encode()).digest()
+    return np.frombuffer(digest, dtype="<u4").astype(np.int64)
 
 
 def clopper_pearson(successes: int, trials: int, alpha: float) -> tuple[float, float]:
@@ -79,7 +85,7 @@ def audit(
     steps: int = 1,
     delta: float = 1e-5,
     alpha: float = 0.05,
-    seed: int = 0,
+    seed: int | None = None,
     variables=None,
 ) -> AuditResult:
     """Audits `steps` DP steps of a compiled `DPModel` on the batch `(x, y)`.
@@ -93,6 +99,8 @@ def audit(
             of `steps` Gaussian steps with q = 1).
         variables: the variables to score (default: all of the wrapped model's weights, so a
             weight that should be frozen but moves is caught too).
+        seed: None (default): each trial's noise is keyed by a fresh secret key, as in a real
+            run; an int derives the trials' keys from it (a reproducible audit).
     """
     opt = model.optimizer
     n = len(y)
@@ -119,7 +127,7 @@ def audit(
     for trial in range(trials):
         for world, w in ((1, weights_in), (0, weights_out)):
             restore()
-            opt._noise_seed.assign(seed * 1_000_003 + 2 * trial + world)
+            opt._noise_key.assign(prng.new_key() if seed is None else _trial_key(seed, trial, world))
             for _ in range(steps):
                 model.train_on_batch(x, y, sample_weight=w)
             scores[world].append([

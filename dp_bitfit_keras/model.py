@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from dp_bitfit_keras import gradients, selection
 from dp_bitfit_keras.optimizer import DPOptimizer
-from dp_bitfit_keras.privacy import sampling
+from dp_bitfit_keras.privacy import checks, sampling
 
 _DEFAULT_BATCH_SIZE = 32
 # Fixed per-example loss scale under mixed_float16 (2^12: float16 keeps gradients down to
@@ -145,11 +145,11 @@ class DPModel(keras.Model):
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             # Keras wraps the optimizer under mixed_float16. Its dynamic loss scale skips a step
             # when any gradient overflows, a data-dependent decision that DP cannot allow: scale
-            # each example's loss by a fixed factor instead, unscale in float32, and drop (weight
-            # 0) the examples whose gradient still overflows. Norms and clipping are float32.
+            # each example's loss by a fixed factor instead, unscale in float32; the examples
+            # whose gradient still overflows get weight 0 (as any non-finite gradient does, see
+            # queries.clipped_sum). Norms and clipping are float32.
             self.optimizer = self.optimizer.inner_optimizer
             self._loss_scale = MIXED_FLOAT16_LOSS_SCALE
-            self.optimizer.drop_nonfinite = True
         else:
             self._loss_scale = None
 
@@ -178,7 +178,12 @@ class DPModel(keras.Model):
 
     def _track_loss(self, losses, mask):
         # Metrics describe the private batch; they are for monitoring, not released with DP.
+        # An example whose loss is not finite is dropped from the step (queries.clipped_sum):
+        # leave it out of the mean too, so the progress bar does not turn NaN.
         weights = tf.ones_like(losses) if mask is None else mask
+        finite = tf.math.is_finite(losses)
+        weights = tf.where(finite, weights, 0.0)
+        losses = tf.where(finite, losses, 0.0)
         self._loss_tracker.update_state(
             tf.reduce_sum(losses * weights) / tf.maximum(tf.reduce_sum(weights), 1.0),
             sample_weight=tf.reduce_sum(weights),
@@ -211,6 +216,12 @@ class DPModel(keras.Model):
           - a dataset from `poisson_batches`: used as is, q from it.
           - any other batched `tf.data.Dataset`: give `sampling_rate`; accounting then assumes
             Poisson sampling at that rate, which shuffled fixed-size batches only approximate.
+
+        Data held in memory (arrays, `poisson_batches`) is checked before any step: a NaN/inf
+        value, an integer label outside the model's classes or one-hot labels of the wrong
+        width raise a `ValueError` naming the first offending row. Inside the step, an example
+        whose gradient is still not finite gets weight 0 (it is neither trained on nor able to
+        turn the weights into NaN).
         """
         if not isinstance(self.optimizer, DPOptimizer):
             raise ValueError("Compile the DPModel with a DPOptimizer before fit.")
@@ -248,6 +259,9 @@ class DPModel(keras.Model):
                 raise ValueError("With a tf.data.Dataset, y comes from the dataset; got y too.")
             sampler = getattr(x, "dp_sampler", None)
             if sampler is not None:
+                examples = sampler.examples
+                if isinstance(examples, tuple) and len(examples) == 2:
+                    self._check_labels(examples[0], examples[1])
                 return x, sampler.sampling_rate, sampler.expected_batch_size, sampler.num_examples
             if sampling_rate is None:
                 raise ValueError(
@@ -270,6 +284,9 @@ class DPModel(keras.Model):
             return x, float(sampling_rate), float(static_batch), None
         if kwargs.get("sample_weight") is not None:
             raise ValueError("sample_weight with array inputs is not supported by DPModel.fit yet.")
+        checks.check_finite(x, "x")
+        checks.check_finite(y, "y")
+        self._check_labels(x, y)
         n = int(tf.nest.flatten(x)[0].shape[0])
         batch_size = batch_size or _DEFAULT_BATCH_SIZE
         if not 0 < batch_size <= n:
@@ -278,8 +295,13 @@ class DPModel(keras.Model):
         k = self.optimizer.accumulation_steps
         multiple = k * self.distribute_strategy.num_replicas_in_sync
         padded = -(-sampling.max_batch_size_for(n, q) // multiple) * multiple
-        dataset = sampling.poisson_batches((x, y), q, padded, micro_batches=k)
+        # The optimizer's explicit seed (if any) makes the sample reproducible too; by default
+        # both are keyed by secret keys from the operating system.
+        dataset = sampling.poisson_batches((x, y), q, padded, micro_batches=k, seed=self.optimizer.seed)
         return dataset, q, q * n, n
+
+    def _check_labels(self, x, y):
+        checks.check_labels(y, checks.output_width(self.model, x), self._per_example_loss)
 
     # --- Privacy --------------------------------------------------------------------------------
 

@@ -1,13 +1,13 @@
 """`DPOptimizer`: clip, sum, noise, average, step, and keep the privacy ledger.
 
-The ledger (σ, sampling rate q, steps taken, step budget, noise seed) is optimizer state: Keras
-saves and restores it with the optimizer's variables, so ε survives checkpoints.
+The ledger (σ, sampling rate q, steps taken, step budget, secret noise key) is optimizer state:
+Keras saves and restores it with the optimizer's variables, so ε survives checkpoints (and a
+checkpoint must be kept as secret as the data: whoever holds the key can regenerate the noise).
 """
 
 from __future__ import annotations
 
 import math
-import random
 import re
 import warnings
 
@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dp_bitfit_keras.privacy import accounting, queries
+from dp_bitfit_keras.privacy import accounting, prng, queries
 
 _NO_BUDGET = np.iinfo(np.int64).max
 CLIPPING_STYLES = ("all_layer", "layer_wise", "param_wise", "group_wise")
@@ -58,9 +58,14 @@ class DPOptimizer(keras.optimizers.Optimizer):
             consecutive micro-batches and adds noise once per logical batch of k; the ledger
             counts logical steps. `DPModel.fit` then splits each Poisson batch into k parts.
         accountant: `"rdp"` or `"pld"`.
-        seed: seed of the noise stream. Default: drawn from Python's `random` (seeded by
-            `keras.utils.set_random_seed`). Whoever knows the seed can remove the noise: keep
-            it, like the checkpoints that store it, as secret as the data.
+        seed: `None` (default): the noise is keyed by a secret 256-bit key from the operating
+            system, which no global seed (`keras.utils.set_random_seed`) reproduces. An int
+            makes the noise reproducible and warns (`PredictableNoiseWarning`): whoever knows
+            the seed can regenerate and remove the noise. For tests and debugging only.
+        noise_generator: `"chacha20"` (default; a cryptographic stream cipher, each noise value
+            a sum of 4 Gaussians against floating-point attacks, see `privacy/prng.py`) or
+            `"philox"` (TensorFlow's statistical generator with a 64-bit key: not secure,
+            there to measure what the secure generator costs).
 
     Example:
         >>> opt = DPOptimizer(keras.optimizers.Adam(1e-3), l2_norm_clip=1.0, noise_multiplier=1.1)
@@ -83,6 +88,7 @@ class DPOptimizer(keras.optimizers.Optimizer):
         clip_learning_rate=0.2,
         clipped_count_stddev=None,
         gradient_accumulation_steps=1,
+        noise_generator="chacha20",
         name=None,
         **kwargs,
     ):
@@ -129,6 +135,8 @@ class DPOptimizer(keras.optimizers.Optimizer):
                 raise ValueError(f"clipped_count_stddev must be > 0; got {clipped_count_stddev}.")
         if not (isinstance(gradient_accumulation_steps, int) and gradient_accumulation_steps >= 1):
             raise ValueError(f"gradient_accumulation_steps must be an int >= 1; got {gradient_accumulation_steps!r}.")
+        if noise_generator not in prng.GENERATORS:
+            raise ValueError(f"noise_generator must be one of {prng.GENERATORS}; got {noise_generator!r}.")
         kwargs.pop("learning_rate", None)  # Present in configs; the inner optimizer owns it.
         super().__init__(learning_rate=0.0, name=name or "dp_optimizer", **kwargs)
         self.inner_optimizer = optimizer
@@ -138,18 +146,20 @@ class DPOptimizer(keras.optimizers.Optimizer):
         self.target_delta = target_delta
         self.clipping = clipping
         self.accountant = accountant
-        self.seed = random.randrange(2**31) if seed is None else int(seed)
+        self.seed = None if seed is None else int(seed)
+        self.noise_generator = noise_generator
+        # The key itself is never an attribute: it lives in the ledger variable `noise_key`.
+        self._initial_key = prng.key_for(self.seed, "noise")
         self.clipping_style = clipping_style
         self.groups = groups
         self.target_unclipped_quantile = target_unclipped_quantile
         self.clip_learning_rate = float(clip_learning_rate)
         self.clipped_count_stddev = clipped_count_stddev
         self.accumulation_steps = gradient_accumulation_steps
-        self.drop_nonfinite = False  # DPModel turns it on under mixed_float16
         # One 0/1 tensor (or None) per trained variable: sparse fine-tuning (SPARTA) trains only
         # the 1 entries; their per-example gradients are clipped and noised, the rest stay put.
         self.gradient_masks = None
-        self._query = queries.SeededGaussianSumQuery(self.l2_norm_clip, 0.0)
+        self._query = queries.SeededGaussianSumQuery(self.l2_norm_clip, 0.0, noise_generator)
         self._adaptive_query = None
 
     # --- Keras optimizer plumbing (as keras.optimizers.LossScaleOptimizer does it) -------------
@@ -166,7 +176,6 @@ class DPOptimizer(keras.optimizers.Optimizer):
             dp_steps=("int64", 0, True),
             max_dp_steps=("int64", _NO_BUDGET, False),
             planned_dp_steps=("int64", _NO_BUDGET, False),
-            noise_seed=("int64", self.seed, False),
             batches_seen=("int64", 0, True),
             current_l2_norm_clip=("float32", self.l2_norm_clip, True),
         )
@@ -178,6 +187,12 @@ class DPOptimizer(keras.optimizers.Optimizer):
                 aggregation="only_first_replica" if in_step else "none", name=name,
             )
             object.__setattr__(self, f"_{name}", var)
+        key = self.add_variable(
+            shape=(prng.KEY_WORDS,), dtype="int64", initializer=keras.initializers.Constant(self._initial_key),
+            aggregation="none", name="noise_key",
+        )
+        object.__setattr__(self, "_noise_key", key)
+        self._initial_key = None
         if self.accumulation_steps > 1:
             accumulators = [
                 self.add_variable(shape=v.shape, dtype="float32", initializer="zeros",
@@ -230,6 +245,9 @@ class DPOptimizer(keras.optimizers.Optimizer):
             "clip_learning_rate": self.clip_learning_rate,
             "clipped_count_stddev": self.clipped_count_stddev,
             "gradient_accumulation_steps": self.accumulation_steps,
+            "noise_generator": self.noise_generator,
+            # Neither the seed nor the key: a config is not secret (the key is restored with the
+            # optimizer's variables from a checkpoint).
         }
 
     @classmethod
@@ -270,7 +288,7 @@ class DPOptimizer(keras.optimizers.Optimizer):
         `mask == 0` (padding of a Poisson batch) contribute nothing. Under a
         `tf.distribute` strategy, each replica's clipped sum is all-reduced first and the noise
         is added once to the global sum (every replica draws the same noise from the ledger's
-        seed). Once `dp_steps` reaches the step budget, the step changes nothing.
+        key). Once `dp_steps` reaches the step budget, the step changes nothing.
 
         Returns:
             The per-example gradient norms before clipping, `[batch]`.
@@ -341,7 +359,7 @@ class DPOptimizer(keras.optimizers.Optimizer):
         return released[0] / tf.cast(self._expected_batch_size.value, tf.float32)
 
     def _clip_and_sum(self, per_example_grads, clip, mask, groups):
-        return queries.clipped_sum(per_example_grads, clip, self.clipping, mask, groups, self.drop_nonfinite)
+        return queries.clipped_sum(per_example_grads, clip, self.clipping, mask, groups)
 
     def _noise_stddev(self, sigma, clip):
         return sigma * clip
@@ -349,13 +367,13 @@ class DPOptimizer(keras.optimizers.Optimizer):
     def _noise_and_step(self, summed, below, trainable_variables, replicas, expand=None):
         sigma = tf.cast(self._noise_multiplier.value, tf.float32)
         clip = self._current_l2_norm_clip.value
-        seed = tf.stack([self._noise_seed.value, self._dp_steps.value])
+        key, step = self._noise_key.value, self._dp_steps.value
         if self._adaptive_query is None:
-            global_state = self._query.make_global_state(clip, self._noise_stddev(sigma, clip), seed)
+            global_state = self._query.make_global_state(clip, self._noise_stddev(sigma, clip), key, step)
             noised, new_clip = queries.noised_sum(self._query, global_state, summed), clip
         else:
             sum_sigma = tf.cast(self._sum_noise_multiplier, tf.float32)
-            state = self._adaptive_query.state_for(clip, sum_sigma, seed)
+            state = self._adaptive_query.state_for(clip, sum_sigma, key, step)
             noised, new_clip, _ = queries.adaptive_noised_sum(self._adaptive_query, state, summed, below)
         # Dividing by the expected batch size (not the realised one) keeps the released quantity
         # a function of the noised sum alone; the realised size is itself private. Under a
@@ -440,7 +458,7 @@ class DPOptimizer(keras.optimizers.Optimizer):
         self._sum_noise_multiplier = sum_sigma
         self._adaptive_query = queries.SeededQuantileAdaptiveClipSumQuery(
             self.l2_norm_clip, sum_sigma, self.target_unclipped_quantile, self.clip_learning_rate,
-            count_stddev, expected_batch_size,
+            count_stddev, expected_batch_size, self.noise_generator,
         )
 
     @property
@@ -459,7 +477,7 @@ class DPOptimizer(keras.optimizers.Optimizer):
         ])
 
     def continue_ledger(self, other: "DPOptimizer"):
-        """Carries on `other`'s ledger: its steps, batches seen and noise stream (e.g. a second
+        """Carries on `other`'s ledger: its steps, batches seen and noise key (e.g. a second
         training phase with new variables and a new inner optimizer). σ, q and the accountant
         must match, so ε is accounted over all steps of both as one run."""
         if not (self.built and other.built):
@@ -469,7 +487,7 @@ class DPOptimizer(keras.optimizers.Optimizer):
                 f"A continued ledger needs the same σ and accountant; got σ={self.noise_multiplier} "
                 f"({self.accountant}) vs σ={other.noise_multiplier} ({other.accountant})."
             )
-        for name in ("sampling_rate", "expected_batch_size", "dp_steps", "batches_seen", "noise_seed"):
+        for name in ("sampling_rate", "expected_batch_size", "dp_steps", "batches_seen", "noise_key"):
             getattr(self, f"_{name}").assign(getattr(other, f"_{name}").value)
 
     def set_step_budget(self, max_steps: int | None):

@@ -125,6 +125,7 @@ def train(
     learning_rate: float | None = None,
     gradient_accumulation_steps: int = 1,
     seed: int = 0,
+    noise_seed: int | None = None,
     verbose: int = 1,
     callbacks=(),
 ) -> RunResult:
@@ -140,6 +141,10 @@ def train(
         gradient_accumulation_steps: private methods split each Poisson batch into this many
             micro-batches and add the noise once per batch: the same mechanism (and ε) in
             about 1/k of the per-example-gradient memory (what lets `dp_full` fit).
+        seed: initialisation, dropout and everything else Keras' global seed governs.
+        noise_seed: None (default): the DP noise and the Poisson samples are keyed by secret
+            keys from the operating system, so a run is private even though `seed` is public.
+            An int makes them reproducible too (warns: not private against whoever knows it).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}; got {method!r}.")
@@ -164,7 +169,7 @@ def train(
         cbs = [timer, PrivacyCallback(delta=delta), *callbacks]
         common = dict(
             loss=loss, batch_size=batch_size, l2_norm_clip=l2_norm_clip, target_epsilon=epsilon, delta=delta,
-            clipping=clipping, metrics=["accuracy"], callbacks=cbs, seed=seed, gradient_accumulation_steps=k,
+            clipping=clipping, metrics=["accuracy"], callbacks=cbs, seed=noise_seed, gradient_accumulation_steps=k,
             validation_data=validation_data, verbose=verbose,
         )
         if method == "sparta":
@@ -189,7 +194,7 @@ def train(
         model.compile(
             optimizer=DPOptimizer(
                 inner, l2_norm_clip=clip, target_epsilon=epsilon,
-                target_delta=delta, clipping="abadi" if method == "dpzero" else clipping, seed=seed,
+                target_delta=delta, clipping="abadi" if method == "dpzero" else clipping, seed=noise_seed,
                 gradient_accumulation_steps=k,
             ),
             loss=loss, metrics=["accuracy"],

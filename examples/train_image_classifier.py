@@ -35,7 +35,9 @@ flags.DEFINE_integer("image_size", 224, "Image size for hub presets (resized).")
 flags.DEFINE_integer("pretrain_epochs", 30, "Epochs of public pretraining (offline default).")
 flags.DEFINE_string("export_dir", None, "SavedModel directory; default savedmodels/<run name>/<version>.")
 flags.DEFINE_string("summary_json", None, "Also write the run summary here.")
-flags.DEFINE_integer("seed", 0, "Seed for initialisation, sampling and noise.")
+flags.DEFINE_integer("seed", 0, "Seed for initialisation, splits and dropout (not the DP noise or sampling).")
+flags.DEFINE_integer("noise_seed", None, "Private methods: make the DP noise and Poisson sampling reproducible "
+                     "from this seed. Default: secret keys from the OS. A run with a known noise seed is NOT private.")
 
 
 def run():
@@ -51,7 +53,7 @@ def run():
         FLAGS.method, build_model, data.train, data.validation, data.test,
         epsilon=FLAGS.epsilon, delta=FLAGS.delta, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
         l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, learning_rate=learning_rate,
-        seed=FLAGS.seed, verbose=2,
+        seed=FLAGS.seed, noise_seed=FLAGS.noise_seed, verbose=2,
     )
     export_dir = FLAGS.export_dir or recipes.default_export_dir(FLAGS.dataset, FLAGS.method, FLAGS.epsilon)
     model = result.base_model

@@ -41,7 +41,9 @@ flags.DEFINE_integer("sequence_length", 64, "Tokens per example (64 covers over 
 flags.DEFINE_enum("pooling", "mean", ["mean", "cls"], "Classifier pooling over the backbone's outputs.")
 flags.DEFINE_string("export_dir", None, "SavedModel directory; default savedmodels/<run name>/<version>.")
 flags.DEFINE_string("summary_json", None, "Also write the run summary here.")
-flags.DEFINE_integer("seed", 0, "Seed for initialisation, sampling and noise.")
+flags.DEFINE_integer("seed", 0, "Seed for initialisation, splits and dropout (not the DP noise or sampling).")
+flags.DEFINE_integer("noise_seed", None, "Private methods: make the DP noise and Poisson sampling reproducible "
+                     "from this seed. Default: secret keys from the OS. A run with a known noise seed is NOT private.")
 
 
 def run():
@@ -54,7 +56,7 @@ def run():
         FLAGS.method, task.build_model, *splits,
         epsilon=FLAGS.epsilon, delta=FLAGS.delta, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
         l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, learning_rate=FLAGS.learning_rate or task.learning_rate(FLAGS.method),
-        gradient_accumulation_steps=FLAGS.gradient_accumulation_steps, seed=FLAGS.seed,
+        gradient_accumulation_steps=FLAGS.gradient_accumulation_steps, seed=FLAGS.seed, noise_seed=FLAGS.noise_seed,
     )
     export_dir = FLAGS.export_dir or recipes.default_export_dir(FLAGS.dataset, FLAGS.method, FLAGS.epsilon)
     model = result.base_model

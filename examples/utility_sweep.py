@@ -44,7 +44,9 @@ flags.DEFINE_integer("text_epochs", 1, "Epochs on the text task.")
 flags.DEFINE_integer("text_batch_size", 128, "Expected batch size on the text task.")
 flags.DEFINE_integer("image_epochs", 30, "Epochs on the image task.")
 flags.DEFINE_integer("image_batch_size", 64, "Expected batch size on the image task.")
-flags.DEFINE_integer("seed", 0, "Seed.")
+flags.DEFINE_integer("seed", 0, "Seed of initialisation, splits and dropout (not the DP noise or sampling).")
+flags.DEFINE_integer("noise_seed", None, "Make the DP noise and Poisson sampling reproducible (not private against "
+                     "whoever knows it). Default: secret keys, so private rows vary from run to run.")
 flags.DEFINE_string("out", "results/utility", "Output prefix: writes <out>.json, <out>.md, <out>.png.")
 
 
@@ -133,7 +135,7 @@ def _sweep_runs(task_name, task, epochs, batch_size, epsilons, scratch):
             result = recipes.train(
                 method, task.build_model, task.splits.train, task.splits.validation, task.splits.test,
                 epsilon=eps if math.isfinite(eps) else 1.0, epochs=epochs, batch_size=batch_size,
-                learning_rate=task.learning_rate(method), seed=FLAGS.seed, verbose=0,
+                learning_rate=task.learning_rate(method), seed=FLAGS.seed, noise_seed=FLAGS.noise_seed, verbose=0,
             ).as_dict()
         row = dict(result, task=task_name, target_epsilon=eps)
         print(json.dumps({k: row[k] for k in ("method", "target_epsilon", "epsilon", "validation_accuracy", "test_accuracy", "ms_per_step")}), flush=True)

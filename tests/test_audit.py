@@ -63,7 +63,8 @@ def _setup(optimizer_cls=dpk.DPOptimizer, trainable="bias"):
     y = (x[:, 0] > 0).astype("int32")
     x[8], y[8] = [4.0, -4.0, 4.0], 1  # the canary: a loud, atypical example
     model = dpk.DPModel(base, trainable=trainable)
-    model.compile(optimizer=optimizer_cls(keras.optimizers.SGD(1.0), CLIP, SIGMA, seed=0), loss=LOSS)
+    # The default (secure) configuration: secret keys, fresh for every trial of the audit.
+    model.compile(optimizer=optimizer_cls(keras.optimizers.SGD(1.0), CLIP, SIGMA), loss=LOSS)
     return model, x, y
 
 

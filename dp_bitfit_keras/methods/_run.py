@@ -1,7 +1,7 @@
 """What the multi-phase methods share: one private run, several phases.
 
 Every phase of a run trains on the same Poisson stream with the same clip, noise multiplier,
-noise seed and accountant, and continues the ledger of the phase before it, so ε is accounted
+noise key and accountant, and continues the ledger of the phase before it, so ε is accounted
 over all steps as one run.
 """
 
@@ -25,7 +25,7 @@ class PrivateRun:
     noise_multiplier: float
     clipping: str
     accountant: str
-    noise_seed: int | None
+    seed: int | None  # explicit (reproducible, not private against whoever knows it), or None: secret keys
     accumulation_steps: int = 1
 
     @classmethod
@@ -47,8 +47,7 @@ class PrivateRun:
         if noise_multiplier is None:
             steps = dataset.dp_sampler.steps_per_epoch * total_epochs
             noise_multiplier = accounting.noise_multiplier_for_epsilon(target_epsilon, q, steps, delta, accountant)
-        noise_seed = None if seed is None else seed + 1
-        return cls(model, dataset, loss, l2_norm_clip, float(noise_multiplier), clipping, accountant, noise_seed,
+        return cls(model, dataset, loss, l2_norm_clip, float(noise_multiplier), clipping, accountant, seed,
                    gradient_accumulation_steps)
 
     def phase(self, trainable, inner: keras.optimizers.Optimizer, metrics=None, after: DPModel | None = None) -> DPModel:
@@ -56,7 +55,7 @@ class PrivateRun:
         dp_model = DPModel(self.model, trainable=trainable)
         dp_model.compile(
             optimizer=DPOptimizer(inner, self.l2_norm_clip, self.noise_multiplier, clipping=self.clipping,
-                                  accountant=self.accountant, seed=self.noise_seed,
+                                  accountant=self.accountant, seed=self.seed,
                                   gradient_accumulation_steps=self.accumulation_steps),
             loss=self.loss, metrics=metrics,
         )

@@ -1,6 +1,6 @@
 """DPZero: zeroth-order DP fine-tuning (Zhang et al. 2023) on the package's engine.
 
-Per step: a random direction z (regenerated from the ledger's seed and step, never stored),
+Per step: a random direction z (regenerated from the ledger's key and step, never stored),
 two forward passes at θ+λz and θ−λz, each example's scalar finite difference
 d_i = (ℓ_i(θ+λz) − ℓ_i(θ−λz)) / 2λ clipped to [−C, C], summed and noised by the optimizer's
 Gaussian query (std σC), divided by the expected batch size, and θ ← θ − η·(noisy scalar)·z.
@@ -14,6 +14,7 @@ import keras
 import tensorflow as tf
 
 from dp_bitfit_keras.model import DPModel, example_mask
+from dp_bitfit_keras.privacy import prng
 
 # The paper's defaults (for OPT/RoBERTa-size models).
 DEFAULT_PERTURBATION = 1e-3
@@ -46,12 +47,12 @@ class DPZeroModel(DPModel):
         return dict(super().get_config(), perturbation=self.perturbation)
 
     def _direction(self, variables):
-        # Stateless: z of step t is a function of (noise seed, t), so it is never stored and a
-        # resumed run draws the same directions. Offset so z never reuses the noise's keys.
+        # Stateless: z of step t is a function of (noise key, t), so it is never stored and a
+        # resumed run draws the same directions. Its own streams, so z never reuses the noise's.
         opt = self.optimizer
-        seed = tf.stack([opt._noise_seed.value + 7919, opt._dp_steps.value])
-        seeds = tf.random.experimental.stateless_split(seed, num=len(variables))
-        return [tf.random.stateless_normal(v.shape, seed=seeds[i], dtype=tf.float32) for i, v in enumerate(variables)]
+        key, step = opt._noise_key.value, opt._dp_steps.value
+        return prng.normal_list(key, [v.shape for v in variables], step, prng.DPZERO_DIRECTION,
+                                generator=opt.noise_generator)
 
     def _example_losses(self, x, y, sample_weight):
         y_pred = self.model(x, training=False)

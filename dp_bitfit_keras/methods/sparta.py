@@ -126,6 +126,8 @@ def sparta_fit(
         optimizer: phase 2's inner optimizer (default Adam 1e-3).
         candidates: `variable -> bool`, the kernels to choose rows from.
         train_biases: also train every bias (dense, not masked) in phase 2.
+        seed: None (default): secret noise and sampling keys from the operating system; an
+            int makes both reproducible (and warns: not private against whoever knows it).
     """
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1]; got {density}.")

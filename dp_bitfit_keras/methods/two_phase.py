@@ -64,6 +64,8 @@ def two_phase_fit(
         loss: the per-example loss (as for `DPModel.compile`).
         phase2_trainable: what phase 2 trains (`"bias"`, `"bias+head"`, or a callable).
         metrics, callbacks, **fit_kwargs: passed to both phases' compile / fit.
+        seed: None (default): secret noise and sampling keys from the operating system; an
+            int makes both reproducible (and warns: not private against whoever knows it).
 
     Example:
         >>> result = two_phase_fit(base, x, y, loss=loss, phase1_epochs=1, phase2_epochs=2,

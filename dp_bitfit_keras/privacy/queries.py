@@ -2,8 +2,9 @@
 
 Per-example clipping is done here, vectorized over the batch (TF Privacy's `preprocess_record`
 inside `vectorized_map` falls back to a slow while_loop). The sum is then handed to a TF Privacy
-`GaussianSumQuery`, whose noise is drawn from a stateless generator keyed by a seed the optimizer
-keeps, so runs are reproducible and resumable.
+`GaussianSumQuery`, whose noise is drawn by `prng.normal` (ChaCha20, sum of 4 Gaussians) from a
+secret key the optimizer keeps and the step number, so a resumed run continues the same stream
+and no (key, step, variable) stream is used twice.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import tensorflow as tf
 
 from dp_bitfit_keras._compat import GaussianSumQuery
 from dp_bitfit_keras._compat import QuantileAdaptiveClipSumQuery
+from dp_bitfit_keras.privacy import prng
 
 CLIPPING = ("abadi", "automatic")
 # Stability constant of automatic clipping (Bu et al., "Automatic clipping", and DP-BiTFiT code).
@@ -22,26 +24,30 @@ AUTOMATIC_CLIPPING_GAMMA = 0.01
 
 
 class SeededGaussianSumQuery(GaussianSumQuery):
-    """TF Privacy's `GaussianSumQuery` with noise from `tf.random.stateless_normal`.
+    """TF Privacy's `GaussianSumQuery` with keyed noise from `prng.normal`.
 
-    The global state carries a `[2]` int seed; everything else (global state, sample state,
+    The global state carries the secret key (`[8]` int64 words), the step and the stream (all
+    tensors of the sum draw from that one stream, consecutively); everything else (global state, sample state,
     DpEvent) is TF Privacy's.
     """
 
-    _GlobalState = collections.namedtuple("_GlobalState", ["l2_norm_clip", "stddev", "seed"])
+    _GlobalState = collections.namedtuple("_GlobalState", ["l2_norm_clip", "stddev", "key", "step", "stream"])
 
-    def make_global_state(self, l2_norm_clip, stddev, seed=(0, 0)):
+    def __init__(self, l2_norm_clip, stddev, generator="chacha20"):
+        super().__init__(l2_norm_clip, stddev)
+        self.generator = generator
+
+    def make_global_state(self, l2_norm_clip, stddev, key=(0,) * prng.KEY_WORDS, step=0, stream=prng.NOISE):
         return self._GlobalState(
-            tf.cast(l2_norm_clip, tf.float32), tf.cast(stddev, tf.float32), tf.cast(seed, tf.int64)
+            tf.cast(l2_norm_clip, tf.float32), tf.cast(stddev, tf.float32), tf.cast(key, tf.int64),
+            tf.cast(step, tf.int64), int(stream),
         )
 
     def get_noised_result(self, sample_state, global_state):
         flat = tf.nest.flatten(sample_state)
-        seeds = tf.random.experimental.stateless_split(global_state.seed, num=len(flat))
-        noised = [
-            v + tf.random.stateless_normal(tf.shape(v), seed=seeds[i], stddev=tf.cast(global_state.stddev, v.dtype), dtype=v.dtype)
-            for i, v in enumerate(flat)
-        ]
+        noise = prng.normal_list(global_state.key, [v.shape for v in flat], global_state.step, global_state.stream,
+                                 stddev=global_state.stddev, dtypes=[v.dtype for v in flat], generator=self.generator)
+        noised = [v + z for v, z in zip(flat, noise)]
         event = dp_accounting.GaussianDpEvent(global_state.stddev / global_state.l2_norm_clip)
         return tf.nest.pack_sequence_as(sample_state, noised), global_state, event
 
@@ -80,7 +86,7 @@ def group_norms(per_example_grads, groups, num_groups):
     return tf.sqrt(tf.stack(per_group, axis=1))
 
 
-def clipped_sum(per_example_grads, l2_norm_clip, clipping="abadi", mask=None, groups=None, drop_nonfinite=False):
+def clipped_sum(per_example_grads, l2_norm_clip, clipping="abadi", mask=None, groups=None):
     """Σ_i mask_i · clip(g_i), per variable, and the per-example global norms before clipping.
 
     `groups`: None (all-layer clipping: one norm over all variables, bound C), or the group
@@ -88,9 +94,12 @@ def clipped_sum(per_example_grads, l2_norm_clip, clipping="abadi", mask=None, gr
     example's whole clipped gradient still has norm ≤ C (layer-, param- and group-wise
     clipping of the DP-BiTFiT paper, §3).
 
-    `drop_nonfinite`: give an example whose gradient has an inf/NaN (float16 overflow) weight
-    0 instead of poisoning the sum. Which examples overflow depends on the data, but dropping
-    one changes the sum by at most its clipped contribution, so the sensitivity is unchanged.
+    An example whose gradient is not finite (a NaN/inf feature that slipped past the input
+    checks, a loss that overflows, float16 overflow) gets weight 0 instead of turning the sum,
+    and then every weight, into NaN, which would both lose the run and reveal that the example
+    was sampled. Privacy: whether an example is dropped depends on that example alone (and the
+    current weights, which are public to the step), so adding or removing one example still
+    changes the sum by at most its clipped contribution, ≤ C: the sensitivity is unchanged.
     """
     if groups is None:
         norms = per_example_norms(per_example_grads)
@@ -104,9 +113,13 @@ def clipped_sum(per_example_grads, l2_norm_clip, clipping="abadi", mask=None, gr
         index = list(groups)
     if mask is not None:
         factors = factors * tf.cast(tf.reshape(mask, [-1, 1]), factors.dtype)
-    if drop_nonfinite:
-        factors = tf.where(tf.math.is_finite(norms)[:, None], factors, 0.0)
-        per_example_grads = [tf.where(tf.math.is_finite(g), g, tf.zeros_like(g)) for g in per_example_grads]
+    # A non-finite entry makes the example's norm inf or NaN (so does a finite gradient whose
+    # squares overflow: dropping it is as private as clipping it).
+    finite = tf.math.is_finite(norms)
+    factors = tf.where(finite[:, None], factors, 0.0)
+    per_example_grads = [
+        tf.where(tf.reshape(finite, [-1] + [1] * (len(g.shape) - 1)), g, tf.zeros_like(g)) for g in per_example_grads
+    ]
     sums = [
         tf.cast(tf.tensordot(factors[:, k], tf.cast(g, tf.float32), axes=[[0], [0]]), g.dtype)
         for g, k in zip(per_example_grads, index)
@@ -134,26 +147,26 @@ class SeededQuantileAdaptiveClipSumQuery(QuantileAdaptiveClipSumQuery):
     """
 
     def __init__(self, initial_l2_norm_clip, sum_noise_multiplier, target_unclipped_quantile,
-                 learning_rate, clipped_count_stddev, expected_num_records):
+                 learning_rate, clipped_count_stddev, expected_num_records, generator="chacha20"):
         super().__init__(initial_l2_norm_clip, sum_noise_multiplier, target_unclipped_quantile,
                          learning_rate, clipped_count_stddev, expected_num_records, geometric_update=True)
-        self._sum_query = SeededGaussianSumQuery(initial_l2_norm_clip, sum_noise_multiplier * initial_l2_norm_clip)
+        self._sum_query = SeededGaussianSumQuery(initial_l2_norm_clip, sum_noise_multiplier * initial_l2_norm_clip, generator)
         # The below-estimate count is NormalizedQuery(GaussianSumQuery(0.5, stddev)) in TF Privacy 0.9.
         below = self._quantile_estimator_query._below_estimate_query
-        below._numerator = SeededGaussianSumQuery(0.5, clipped_count_stddev)
+        below._numerator = SeededGaussianSumQuery(0.5, clipped_count_stddev, generator)
         self.clipped_count_stddev = float(clipped_count_stddev)
         self.expected_num_records = float(expected_num_records)
         self.target_unclipped_quantile = float(target_unclipped_quantile)
         self.clip_learning_rate = float(learning_rate)
 
-    def state_for(self, l2_norm_clip, sum_noise_multiplier, seed):
-        """The global state at clip C with noise keyed by `seed` (`[2]` int64)."""
-        seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=2)
-        sum_state = self._sum_query.make_global_state(l2_norm_clip, sum_noise_multiplier * l2_norm_clip, seeds[0])
+    def state_for(self, l2_norm_clip, sum_noise_multiplier, key, step):
+        """The global state at clip C with noise keyed by `key` at `step` (the sum and the
+        count draw from different streams)."""
+        sum_state = self._sum_query.make_global_state(l2_norm_clip, sum_noise_multiplier * l2_norm_clip, key, step, prng.NOISE)
         estimator = self._quantile_estimator_query
         below = estimator._below_estimate_query
         below_state = below._GlobalState(
-            below._numerator.make_global_state(0.5, self.clipped_count_stddev, seeds[1]),
+            below._numerator.make_global_state(0.5, self.clipped_count_stddev, key, step, prng.COUNT_NOISE),
             tf.constant(self.expected_num_records, tf.float32),
         )
         estimator_state = estimator._GlobalState(

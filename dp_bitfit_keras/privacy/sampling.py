@@ -6,15 +6,21 @@ Many libraries instead shuffle and cut fixed-size batches while accounting as if
 a different mechanism whose true ε can be larger. `poisson_batches` samples as the analysis
 assumes, then pads each batch to `max_batch_size` and returns a 0/1 mask as the sample weight,
 so the compiled training step sees one shape and never retraces.
+
+Which examples join a step is as secret as the noise: the sample is drawn from ChaCha20 keyed by
+a 256-bit key from the operating system (`prng`), unless an explicit `seed` asks for a
+reproducible (and therefore not private against whoever knows the seed) stream. The data held
+in memory is checked first (`checks.check_finite`): a NaN/inf example raises before any step.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import random
 
 import tensorflow as tf
 from scipy import stats
+
+from dp_bitfit_keras.privacy import checks, prng
 
 
 def max_batch_size_for(num_examples: int, sampling_rate: float, overflow_probability: float = 1e-9) -> int:
@@ -25,20 +31,22 @@ def max_batch_size_for(num_examples: int, sampling_rate: float, overflow_probabi
 
 @dataclasses.dataclass
 class PoissonSampler:
-    """The state of a Poisson batch stream: step `step` draws its batch from seed (seed, step).
+    """The state of a Poisson batch stream: step t's batch is drawn from the stream (key, t).
 
     `step` counts dataset elements drawn (micro-batches); element `c` is part `c % micro_batches`
     of logical batch `c // micro_batches`. It is a `tf.Variable`: `DPModel.fit` sets it from
-    the optimizer's restored ledger on resume, so no batch is replayed or skipped.
+    the optimizer's restored ledger on resume, so no batch is replayed or skipped. The key is
+    held by the dataset's graph only; `seed` is the explicit seed, if one was given.
     """
 
     num_examples: int
     sampling_rate: float
     max_batch_size: int
     steps_per_epoch: int
-    seed: int
+    seed: int | None
     step: tf.Variable
     micro_batches: int = 1
+    examples: object = dataclasses.field(default=None, repr=False)  # the held data (label checks)
 
     @property
     def expected_batch_size(self) -> float:
@@ -84,11 +92,15 @@ def poisson_batches(
             `overflow_probability`.
         steps_per_epoch: batches per pass of `fit`; default `round(1/q)` (each example seen once
             per epoch in expectation).
-        seed: seed of the sampling stream (default: drawn from Python's `random`, which
-            `keras.utils.set_random_seed` seeds).
+        seed: `None` (default): a secret key from the operating system, which no global seed
+            (`keras.utils.set_random_seed`) reproduces. An int makes the batches reproducible
+            and warns (`PredictableNoiseWarning`): whoever knows it knows every batch.
         micro_batches: split each logical (Poisson) batch into this many consecutive
             elements of `max_batch_size / micro_batches` rows (rounded up), for gradient
             accumulation (`DPOptimizer(gradient_accumulation_steps=...)`).
+
+    Raises:
+        ValueError: a float value of the data is NaN or inf (the first such row is named).
 
     Returns:
         A dataset of `(x, y, mask)` with leading axis `max_batch_size` (divided by
@@ -104,6 +116,7 @@ def poisson_batches(
     if not 0 < sampling_rate <= 1:
         raise ValueError(f"sampling_rate must be in (0, 1]; got {sampling_rate}.")
     examples = _materialize(dataset)
+    checks.check_finite(examples, "data")
     flat = tf.nest.flatten(examples)
     n = int(flat[0].shape[0])
     if any(int(t.shape[0]) != n for t in flat):
@@ -117,7 +130,8 @@ def poisson_batches(
     max_batch_size = -(-int(max_batch_size) // micro_batches) * micro_batches
     part = max_batch_size // micro_batches
     steps_per_epoch = steps_per_epoch or max(1, round(1.0 / sampling_rate))
-    seed = random.randrange(2**31) if seed is None else int(seed)
+    seed = None if seed is None else int(seed)
+    key = tf.constant(prng.key_for(seed, "sampling"), tf.int64)
     sampler = PoissonSampler(
         num_examples=n,
         sampling_rate=float(sampling_rate),
@@ -126,12 +140,13 @@ def poisson_batches(
         seed=seed,
         step=tf.Variable(0, dtype=tf.int64, trainable=False, name="poisson_step"),
         micro_batches=micro_batches,
+        examples=examples,
     )
 
     def draw(_):
         element = sampler.step.assign_add(1) - 1
         step, part_index = element // micro_batches, element % micro_batches
-        keep = tf.random.stateless_uniform([n], seed=tf.stack([tf.constant(seed, tf.int64), step])) < sampling_rate
+        keep = prng.uniform(key, [n], step, prng.POISSON_SAMPLE) < sampling_rate
         indices = tf.cast(tf.where(keep)[:, 0], tf.int32)
         size = tf.size(indices)
         check = tf.debugging.assert_less_equal(

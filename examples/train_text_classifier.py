@@ -61,9 +61,12 @@ def run():
     export_dir = FLAGS.export_dir or recipes.default_export_dir(FLAGS.dataset, FLAGS.method, FLAGS.epsilon)
     model = result.base_model
     text.export_text_classifier(model, preprocessor, export_dir, data.class_names)
+    tokens_dir = text.tokens_export_dir(export_dir)  # the same model for clients without TF Text
 
-    summary = dict(result.as_dict(), dataset=FLAGS.dataset, preset=FLAGS.preset, export_dir=export_dir)
+    summary = dict(result.as_dict(), dataset=FLAGS.dataset, preset=FLAGS.preset, export_dir=export_dir,
+                   tokens_export_dir=tokens_dir)
     recipes.print_summary(result, export_dir, f"(uv run python examples/predict.py --model_dir={export_dir} 'some text')")
+    print(f"Tokens-only model:   {tokens_dir}  (plain TF ops: no tensorflow_text needed; assets/vocab.txt)")
     if FLAGS.summary_json:
         with open(FLAGS.summary_json, "w") as f:
             json.dump(summary, f, indent=1)

@@ -84,6 +84,34 @@ def test_text_example_trains_exports_and_serves(tiny_preset, tmp_path, method):
         capture_output=True, text=True, check=True,
     )
     assert "signature_def['serving_default']" in cli.stdout and "DT_STRING" in cli.stdout
+    # The tokens-only model beside it: a fresh process that never imports tensorflow_text.
+    tokens_dir = summary["tokens_export_dir"]
+    assert tokens_dir == str(tmp_path / "savedmodel_tokens" / "1")
+    features = text.tokenize(preprocessor, texts)
+    np.savez(str(tmp_path / "tokens.npz"), **features)
+    code = (
+        "import sys, json, numpy as np, tensorflow as tf;"
+        "m = tf.saved_model.load(sys.argv[1]); x = np.load(sys.argv[2]);"
+        "out = m.signatures['serving_default'](**{k: tf.constant(x[k]) for k in x.files});"
+        "assert 'tensorflow_text' not in sys.modules and 'keras_hub' not in sys.modules, sorted(sys.modules);"
+        "print(json.dumps(out['logits'].numpy().tolist()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, tokens_dir, str(tmp_path / "tokens.npz")],
+                         capture_output=True, text=True, check=True)
+    logits = np.array(json.loads(out.stdout.strip().splitlines()[-1]))
+    np.testing.assert_allclose(logits, model.predict(features, verbose=0), rtol=1e-5, atol=1e-6)
+    vocab = open(os.path.join(tokens_dir, "assets", "vocab.txt")).read().split("\n")
+    assert vocab[:3] == ["[PAD]", "[UNK]", "[CLS]"]
+    assert json.load(open(os.path.join(tokens_dir, "assets", "tokenizer.json")))["sequence_length"] == 16
+    # saved_model_cli, as the README shows it.
+    row = {k: features[k][:1].tolist() for k in features}
+    exprs = ";".join(f"{k}=np.array({v}, dtype=np.int32)" for k, v in row.items())
+    cli = subprocess.run(
+        [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "run", "--dir", tokens_dir, "--tag_set", "serve",
+         "--signature_def", "serving_default", "--input_exprs", exprs],
+        capture_output=True, text=True, check=True,
+    )
+    assert "class_id" in cli.stdout and "probabilities" in cli.stdout
 
 
 def _serve_images(export_dir, images):

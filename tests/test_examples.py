@@ -5,6 +5,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -104,14 +105,17 @@ def test_text_example_trains_exports_and_serves(tiny_preset, tmp_path, method):
     assert vocab[:3] == ["[PAD]", "[UNK]", "[CLS]"]
     assert json.load(open(os.path.join(tokens_dir, "assets", "tokenizer.json")))["sequence_length"] == 16
     # saved_model_cli, as the README shows it.
-    row = {k: features[k][:1].tolist() for k in features}
-    exprs = ";".join(f"{k}=np.array({v}, dtype=np.int32)" for k, v in row.items())
+    length = int(features["padding_mask"][0].sum())  # unpadded: any length up to the model's maximum
+    exprs = ";".join(f"{k}={features[k][:1, :length].tolist()}" for k in features)
     cli = subprocess.run(
         [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "run", "--dir", tokens_dir, "--tag_set", "serve",
          "--signature_def", "serving_default", "--input_exprs", exprs],
         capture_output=True, text=True, check=True,
     )
     assert "class_id" in cli.stdout and "probabilities" in cli.stdout
+    printed = cli.stdout.split("Result for output key logits:")[1].split("Result")[0]
+    served = [float(v) for v in re.findall(r"-?\d+\.?\d*(?:e[-+]?\d+)?", printed)]
+    np.testing.assert_allclose(served, logits[0], rtol=1e-4, atol=1e-5)
 
 
 def _serve_images(export_dir, images):

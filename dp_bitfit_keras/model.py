@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import keras
@@ -36,6 +37,19 @@ def per_example_loss(loss):
         "keras.losses.SparseCategoricalCrossentropy(from_logits=True); got "
         f"{type(loss).__name__}: {loss!r}. Multi-output losses (dicts/lists) are not supported yet."
     )
+
+
+# Per-example-gradient memory that the automatic chunk size keeps one chunk under (float32).
+CHUNK_MEMORY_BUDGET = 2**30
+
+
+def chunk_size_for(expected_rows: float, trainable_params: int, memory_budget: int = CHUNK_MEMORY_BUDGET) -> int:
+    """The automatic physical batch: a power of two near 1/8 of the expected rows per step (a
+    step then computes on average about half a chunk, 1/16 of a batch, of padding), at most
+    what keeps one chunk's per-example gradients under `memory_budget` bytes."""
+    target = 2 ** max(0, round(math.log2(max(expected_rows / 8.0, 1.0))))
+    cap = max(1, memory_budget // (4 * max(int(trainable_params), 1)))
+    return int(min(target, 2 ** int(math.floor(math.log2(cap)))))
 
 
 def example_mask(sample_weight):
@@ -122,8 +136,22 @@ class DPModel(keras.Model):
 
     # --- Compile / fit -----------------------------------------------------------------------
 
-    def compile(self, optimizer=None, loss=None, jit_compile=True, **kwargs):
-        """As `keras.Model.compile`, with a `DPOptimizer` and XLA on by default (also on CPU)."""
+    def compile(self, optimizer=None, loss=None, jit_compile=True, physical_batch_size="auto", **kwargs):
+        """As `keras.Model.compile`, with a `DPOptimizer` and XLA on by default (also on CPU).
+
+        `physical_batch_size`: rows whose per-example gradients are computed at once. A padded
+        Poisson batch is processed chunk by chunk, and only the chunks that hold sampled rows
+        are computed (an XLA while loop with a data-dependent trip count), so a step costs in
+        proportion to the examples actually sampled, not to the padded size, and the
+        per-example-gradient memory is bounded by one chunk. The clipped sums of the chunks
+        add up to the batch's, and the noise is added once: the mechanism and ε are those of
+        the whole batch. `"auto"` (default): chosen at `fit` (`chunk_size_for`); an int: that
+        size; None: the whole batch at once.
+        """
+        if physical_batch_size not in ("auto", None) and not (isinstance(physical_batch_size, int) and physical_batch_size >= 1):
+            raise ValueError(f"physical_batch_size must be 'auto', None or an int >= 1; got {physical_batch_size!r}.")
+        self.physical_batch_size = physical_batch_size
+        self._chunk = physical_batch_size if isinstance(physical_batch_size, int) else None
         if not isinstance(optimizer, DPOptimizer):
             raise ValueError(
                 "DPModel trains with a dp_bitfit_keras.DPOptimizer, e.g. "
@@ -170,11 +198,60 @@ class DPModel(keras.Model):
 
         if getattr(self, "_nested_xla", False):
             compute = tf.function(compute, jit_compile=True, autograph=False)
+        chunk = getattr(self, "_chunk", None)
+        rows = tf.nest.flatten(x)[0].shape[0]
+        if sample_weight is not None and chunk is not None and rows is not None and chunk < rows:
+            return self._chunked_step(compute, x, y, sample_weight, variables, chunk, rows)
         grads, losses, y_pred = compute(x, y, sample_weight)
         mask = example_mask(sample_weight)
         self.optimizer.apply_private_gradients(grads, variables, mask)
         self._track_loss(losses, mask)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _chunked_step(self, compute, x, y, sample_weight, variables, chunk, rows):
+        """One step over the chunks of `chunk` rows that hold examples (weight > 0).
+
+        Privacy: the chunks' clipped sums add up to exactly the clipped sum of the batch (each
+        example is clipped on its own, rows of weight 0 contribute nothing), and the noise is
+        added once, by `apply_clipped_sum`: the released update is that of the whole batch.
+        What depends on the sample is how many chunks run, i.e. the step's duration (as in
+        Opacus' variable-size batches), never the weights.
+        """
+        padded = -(-rows // chunk) * chunk
+        pad = padded - rows
+
+        def to_padded(t):
+            # Static shapes for XLA: pad the batch to whole chunks with rows of weight 0.
+            t = tf.convert_to_tensor(t)
+            return tf.pad(t, [[0, pad]] + [[0, 0]] * (len(t.shape) - 1)) if pad else t
+
+        x, y, sample_weight = (tf.nest.map_structure(to_padded, t) for t in (x, y, sample_weight))
+        mask = example_mask(sample_weight)
+        # Chunks up to the last sampled row (a Poisson batch holds its sampled rows first).
+        last = tf.reduce_max(tf.where(mask > 0, tf.range(padded), -1)) + 1
+        num_chunks = (last + chunk - 1) // chunk
+
+        def rows_of(t, i):
+            return tf.nest.map_structure(lambda a: tf.slice(a, [i * chunk] + [0] * (len(a.shape) - 1), [chunk] + a.shape[1:]), t)
+
+        def body(i, sums, below):
+            xs, ys, ws = rows_of(x, i), rows_of(y, i), rows_of(sample_weight, i)
+            grads, losses, y_pred = compute(xs, ys, ws)
+            m = example_mask(ws)
+            part, part_below, _ = self.optimizer.clipped_sum(grads, variables, m)
+            self._track_loss(losses, m)
+            self._update_metrics(ys, y_pred, ws)
+            sums = [a + tf.cast(p, tf.float32) for a, p in zip(sums, part)]
+            return i + 1, sums, below + part_below
+
+        zeros = [tf.zeros(v.shape, tf.float32) for v in variables]
+        _, sums, below = tf.while_loop(
+            lambda i, *_: i < num_chunks, body, (tf.constant(0), zeros, tf.constant(0.0)),
+            maximum_iterations=padded // chunk,
+        )
+        sums = [tf.cast(s, v.dtype) for s, v in zip(sums, variables)]
+        self.optimizer.apply_clipped_sum(sums, below, variables)
+        return self.get_metrics_result()
 
     def _track_loss(self, losses, mask):
         # Metrics describe the private batch; they are for monitoring, not released with DP.
@@ -195,6 +272,13 @@ class DPModel(keras.Model):
         metrics = self._compile_metrics
         if metrics is None or sample_weight is None:
             return super().compute_metrics(x, y, y_pred, sample_weight)
+        self._update_metrics(y, y_pred, sample_weight)
+        return self.get_metrics_result()
+
+    def _update_metrics(self, y, y_pred, sample_weight):
+        metrics = self._compile_metrics
+        if metrics is None:
+            return
         if not metrics.built:
             metrics.build(y, y_pred)
         mask = example_mask(sample_weight)
@@ -205,7 +289,6 @@ class DPModel(keras.Model):
                 unweighted.update_state(y_t, y_p, sample_weight=mask)
             if weighted:
                 weighted.update_state(y_t, y_p, sample_weight=sample_weight)
-        return self.get_metrics_result()
 
     def fit(self, x=None, y=None, batch_size=None, epochs=1, *, sampling_rate=None, **kwargs):
         """`keras.Model.fit` with Poisson sampling and the privacy ledger set up.
@@ -242,6 +325,12 @@ class DPModel(keras.Model):
             raise ValueError("Under a multi-replica strategy DPModel needs steps_per_execution=1 (the step budget is checked between steps).")
         self.optimizer.build(list(self.selection.variables))
         self.optimizer.begin_run(q, expected, steps_per_epoch // k * (epochs - kwargs.get("initial_epoch", 0)), n)
+        if getattr(self, "physical_batch_size", None) == "auto":
+            replicas = self.distribute_strategy.num_replicas_in_sync
+            chunk = chunk_size_for(expected / (k * replicas), self.selection.num_trainable)
+            if chunk != self._chunk:
+                self._chunk = chunk
+                self.train_function = None  # retrace with the new chunk size
         kwargs.setdefault("shuffle", False)  # Sampling is the dataset's job (Poisson).
         callbacks = list(kwargs.pop("callbacks", None) or []) + [_LedgerSync(sampler)]
         return super().fit(dataset, epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks, **kwargs)

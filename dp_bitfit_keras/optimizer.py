@@ -290,8 +290,22 @@ class DPOptimizer(keras.optimizers.Optimizer):
         is added once to the global sum (every replica draws the same noise from the ledger's
         key). Once `dp_steps` reaches the step budget, the step changes nothing.
 
+        The same as `clipped_sum` of the batch (or the sum of `clipped_sum`s of its chunks, as
+        `DPModel` computes them) followed by `apply_clipped_sum`.
+
         Returns:
             The per-example gradient norms before clipping, `[batch]`.
+        """
+        summed, below, norms = self.clipped_sum(per_example_grads, trainable_variables, mask)
+        self.apply_clipped_sum(summed, below, trainable_variables)
+        return norms
+
+    def clipped_sum(self, per_example_grads, trainable_variables, mask=None):
+        """Clip every example's gradient and sum: `(summed, below, norms)`.
+
+        `below` is adaptive clipping's count Σ (1[‖g‖ ≤ C] − ½) over the real examples (0
+        without adaptive clipping). Sums of disjoint sets of examples add up: a batch may be
+        clipped chunk by chunk and the chunk sums added before `apply_clipped_sum`.
         """
         if not self.built:
             self.build(trainable_variables)
@@ -307,6 +321,12 @@ class DPOptimizer(keras.optimizers.Optimizer):
             # Adaptive clipping's count query: Σ over real examples of 1[‖g‖ ≤ C] − ½.
             real = tf.ones_like(norms) if mask is None else tf.cast(tf.reshape(mask, [-1]) > 0, tf.float32)
             below = tf.reduce_sum(real * (tf.cast(norms <= clip, tf.float32) - 0.5))
+        return summed, below, norms
+
+    def apply_clipped_sum(self, summed, below, trainable_variables):
+        """Noise a batch's clipped sum once and step (or accumulate a micro-batch's)."""
+        if not self.built:
+            self.build(trainable_variables)
         context = tf.distribute.get_replica_context()
         replicas = context.num_replicas_in_sync if context is not None else 1
         if replicas > 1:
@@ -319,7 +339,7 @@ class DPOptimizer(keras.optimizers.Optimizer):
         self._batches_seen.assign_add(1)
         if self.accumulation_steps == 1:
             self._noise_and_step(summed, below, trainable_variables, replicas)
-            return norms
+            return
         for acc, g in zip(self._accumulators, summed):
             acc.assign_add(tf.cast(g, tf.float32))
         self._accumulated_below.assign_add(below)
@@ -333,7 +353,6 @@ class DPOptimizer(keras.optimizers.Optimizer):
             return tf.constant(True)
 
         tf.cond(self._batches_seen.value % self.accumulation_steps == 0, flush, lambda: tf.constant(False))
-        return norms
 
     def apply_private_projection(self, per_example_scalars, directions, trainable_variables, mask=None):
         """A zeroth-order DP step (DPZero): per-example scalars d_i (directional derivatives).

@@ -35,7 +35,7 @@ flags.DEFINE_integer("seq", 64, "Sequence length.")
 flags.DEFINE_integer("layers", 2, "BERT layers.")
 flags.DEFINE_integer("hidden", 128, "BERT hidden size.")
 flags.DEFINE_list("modes", ["bitfit", "dp_bitfit_pad", "dp_bitfit_c8", "dp_bitfit_c16", "dp_bitfit_c32", "dp_bitfit_c64", "dp_bitfit_auto"],
-                  "bitfit (non-private), dp_bitfit_pad (no chunking), dp_bitfit_cN (chunks of N), dp_bitfit_auto.")
+                  "bitfit (non-private), bitfit_mbN (non-private, micro-batches of N), dp_bitfit_pad (no chunking), dp_bitfit_cN (chunks of N), dp_bitfit_auto.")
 flags.DEFINE_integer("epochs", 3, "Timed epochs per mode (after one compile epoch).")
 flags.DEFINE_string("out", None, "Write JSON here and Markdown beside it.")
 
@@ -52,10 +52,14 @@ def _data():
 def _build(mode, shape):
     base = harness.build_base(shape)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    if mode == "bitfit":
+    if mode.startswith("bitfit"):
+        # `bitfit_mbN`: the same logical batch in micro-batches of N (Keras' own gradient
+        # accumulation), the non-private twin of a chunked step.
+        micro = int(mode.split("_mb")[1]) if "_mb" in mode else FLAGS.batch_size
         dpk.selection.apply_selection(base, dpk.select_variables(base, "bias"))
-        base.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, jit_compile=True)
-        return base, dict(batch_size=FLAGS.batch_size, shuffle=True)
+        base.compile(optimizer=keras.optimizers.Adam(1e-3, gradient_accumulation_steps=FLAGS.batch_size // micro if micro < FLAGS.batch_size else None),
+                     loss=loss, jit_compile=True)
+        return base, dict(batch_size=micro, shuffle=True)
     physical = {"pad": None, "auto": "auto"}.get(mode.split("_")[-1]) if not mode.split("_")[-1].startswith("c") else int(mode.split("_c")[-1])
     model = dpk.DPModel(base, trainable="bias")
     model.compile(optimizer=dpk.DPOptimizer(keras.optimizers.Adam(1e-3), 1.0, 1.0), loss=loss, physical_batch_size=physical)

@@ -60,7 +60,8 @@ def _build(mode, shape):
         base.compile(optimizer=keras.optimizers.Adam(1e-3, gradient_accumulation_steps=FLAGS.batch_size // micro if micro < FLAGS.batch_size else None),
                      loss=loss, jit_compile=True)
         return base, dict(batch_size=micro, shuffle=True)
-    physical = {"pad": None, "auto": "auto"}.get(mode.split("_")[-1]) if not mode.split("_")[-1].startswith("c") else int(mode.split("_c")[-1])
+    suffix = mode.rsplit("_", 1)[-1]  # pad | auto | c<N>
+    physical = {"pad": None, "auto": "auto"}[suffix] if suffix in ("pad", "auto") else int(suffix[1:])
     model = dpk.DPModel(base, trainable="bias")
     model.compile(optimizer=dpk.DPOptimizer(keras.optimizers.Adam(1e-3), 1.0, 1.0), loss=loss, physical_batch_size=physical)
     return model, dict(batch_size=FLAGS.batch_size)

@@ -19,7 +19,6 @@ gives a bound above it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 
 import numpy as np
@@ -27,11 +26,6 @@ import tensorflow as tf
 from scipy import stats
 
 from dp_bitfit_keras.privacy import accounting, prng
-
-
-def _trial_key(seed: int, trial: int, world: int) -> np.ndarray:
-    digest = hashlib.sha256(f"dp_bitfit_keras/audit/{seed}/{trial}/{world}".encode()).digest()
-    return np.frombuffer(digest, dtype="<u4").astype(np.int64)
 
 
 def clopper_pearson(successes: int, trials: int, alpha: float) -> tuple[float, float]:
@@ -127,7 +121,7 @@ def audit(
     for trial in range(trials):
         for world, w in ((1, weights_in), (0, weights_out)):
             restore()
-            opt._noise_key.assign(prng.new_key() if seed is None else _trial_key(seed, trial, world))
+            opt._noise_key.assign(prng.new_key() if seed is None else prng.derive_key(f"dp_bitfit_keras/audit/{seed}/{trial}/{world}"))
             for _ in range(steps):
                 model.train_on_batch(x, y, sample_weight=w)
             scores[world].append([

@@ -386,7 +386,9 @@ class DPModel(keras.Model):
         padded = -(-sampling.max_batch_size_for(n, q) // multiple) * multiple
         # The optimizer's explicit seed (if any) makes the sample reproducible too; by default
         # both are keyed by secret keys from the operating system.
-        dataset = sampling.poisson_batches((x, y), q, padded, micro_batches=k, seed=self.optimizer.seed)
+        # (The arrays were checked above: no second pass over them.)
+        examples = tf.nest.map_structure(tf.convert_to_tensor, (x, y))
+        dataset = sampling._poisson_batches(examples, q, padded, micro_batches=k, seed=self.optimizer.seed)
         return dataset, q, q * n, n
 
     def _check_labels(self, x, y):

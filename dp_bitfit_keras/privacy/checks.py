@@ -51,9 +51,9 @@ def check_finite(structure, name: str = "x") -> None:
         row, column = _first_bad(bad)
         raise ValueError(
             f"{_where(name + path, row, column)} is {values[(row, *column)]}: DP training needs every "
-            f"value finite ({int(bad.any(axis=tuple(range(1, bad.ndim))).sum()) if bad.ndim > 1 else int(bad.sum())} "
-            "example(s) are not). One such example would turn the trained weights into NaN in the step "
-            "that samples it, revealing that it was sampled. Fix or remove these rows before training."
+            f"value finite ({int(bad.reshape(len(bad), -1).any(axis=1).sum())} example(s) are not). One "
+            "such example would turn the trained weights into NaN in the step that samples it, revealing "
+            "that it was sampled. Fix or remove these rows before training."
         )
 
 
@@ -70,9 +70,7 @@ def check_labels(y, num_outputs: int | None, loss=None, name: str = "y") -> None
     labels = _numpy(y)
     if labels.ndim == 0:
         return
-    if np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool:
-        if labels.dtype == bool:
-            return
+    if np.issubdtype(labels.dtype, np.integer):
         if num_outputs == 1 and "binary" not in _loss_name(loss):
             return
         high = max(int(num_outputs), 2)

@@ -73,7 +73,12 @@ def key_from_seed(seed: int, purpose: str) -> np.ndarray:
             PredictableNoiseWarning,
             stacklevel=3,
         )
-    digest = hashlib.sha256(f"dp_bitfit_keras/v1/{purpose}/{seed}".encode()).digest()
+    return derive_key(f"dp_bitfit_keras/v1/{purpose}/{seed}")
+
+
+def derive_key(label: str) -> np.ndarray:
+    """A key that is a public function of `label` (SHA-256): reproducible, hence not secret."""
+    digest = hashlib.sha256(label.encode()).digest()
     return np.frombuffer(digest, dtype="<u4").astype(np.int64)
 
 
@@ -198,6 +203,6 @@ def normal_list(key, shapes, step, stream, stddev=1.0, dtypes=tf.float32, genera
 
 
 __all__ = [
-    "GENERATORS", "KEY_WORDS", "PredictableNoiseWarning", "chacha20_blocks", "key_for", "key_from_seed",
+    "GENERATORS", "KEY_WORDS", "PredictableNoiseWarning", "chacha20_blocks", "derive_key", "key_for", "key_from_seed",
     "new_key", "normal", "normal_list", "random_words", "uniform",
 ]

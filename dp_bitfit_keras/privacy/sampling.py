@@ -113,10 +113,18 @@ def poisson_batches(
         >>> x.shape[0] == ds.dp_sampler.max_batch_size
         True
     """
-    if not 0 < sampling_rate <= 1:
-        raise ValueError(f"sampling_rate must be in (0, 1]; got {sampling_rate}.")
     examples = _materialize(dataset)
     checks.check_finite(examples, "data")
+    return _poisson_batches(examples, sampling_rate, max_batch_size, steps_per_epoch=steps_per_epoch, seed=seed,
+                            overflow_probability=overflow_probability, micro_batches=micro_batches)
+
+
+def _poisson_batches(examples, sampling_rate, max_batch_size=None, *, steps_per_epoch=None, seed=None,
+                     overflow_probability=1e-9, micro_batches=1):
+    """`poisson_batches` of tensors already in memory and already checked (`DPModel.fit` checks
+    its arrays itself, naming them `x` and `y`)."""
+    if not 0 < sampling_rate <= 1:
+        raise ValueError(f"sampling_rate must be in (0, 1]; got {sampling_rate}.")
     flat = tf.nest.flatten(examples)
     n = int(flat[0].shape[0])
     if any(int(t.shape[0]) != n for t in flat):

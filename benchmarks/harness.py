@@ -43,6 +43,10 @@ SHAPES = {
     # ViT-Small-like width on 96x96 images (36 patches of 16x16 + class token), 4 layers.
     "vit": dict(model="vit", batch=16, image=96, patch=16, layers=4, hidden=384),
     "tiny": dict(model="bert", batch=4, seq=16, layers=1, hidden=32),
+    # The epoch benchmark's default (issue 16's measurement) and the offline text task's shape
+    # (MiniLM-L6-H384 at T = 64, expected batch 128; heads = hidden/64 as everywhere here).
+    "epoch_small": dict(model="bert", batch=128, seq=64, layers=2, hidden=128),
+    "text": dict(model="bert", batch=128, seq=64, layers=6, hidden=384),
     "tiny_vit": dict(model="vit", batch=4, image=16, patch=8, layers=1, hidden=32),
 }
 
@@ -191,12 +195,14 @@ def check_modes(shape: dict, modes, sweep: str = "none") -> None:
         raise ValueError(f"{legacy}: the batch sweep runs in-process modes only.")
 
 
-def run_legacy(shape: dict, modes, repeats: int, warmup: int, log=print) -> dict:
-    """Runs peer modes in a child process (TF_USE_LEGACY_KERAS=1); returns its report."""
+def run_legacy(shape: dict, modes, repeats: int, warmup: int, log=print, epoch_examples: int = 0) -> dict:
+    """Runs peer modes in a child process (TF_USE_LEGACY_KERAS=1); returns its report.
+    `epoch_examples` > 0: times `repeats` fit epochs over that many examples instead of steps."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "legacy.json")
         cmd = [sys.executable, LEGACY_BINARY, f"--shape_json={json.dumps(shape)}", f"--modes={','.join(modes)}",
-               f"--repeats={repeats}", f"--warmup={warmup}", f"--out={out}"]
+               f"--repeats={repeats}", f"--warmup={warmup}", f"--epoch_examples={epoch_examples}",
+               f"--timed_epochs={repeats}", f"--out={out}"]
         log(f"[{', '.join(modes)}] in a tf_keras process ...")
         proc = subprocess.run(cmd, env=dict(os.environ, TF_USE_LEGACY_KERAS="1"), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)

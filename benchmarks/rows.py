@@ -1,6 +1,6 @@
-"""What the harness and the tf_keras peer process share: the synthetic BERT batch, the result
-row of the benchmark JSON and the interleaved timer. Imports no Keras (the peer's process must
-load tf_keras, ours Keras 3)."""
+"""What the harness and the tf_keras peer process share: the synthetic BERT batch, the epoch
+data, the result row of the benchmark JSON and the interleaved timers. Imports no Keras (the
+peer's process must load tf_keras, ours Keras 3)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,43 @@ def bert_batch(batch_size: int, seq: int):
         "padding_mask": tf.ones((batch_size, seq), tf.bool),
     }
     return x, tf.random.stateless_uniform((batch_size,), (3, 4), 0, 2, tf.int32)
+
+
+def epoch_data(shape: dict, n: int):
+    """`n` synthetic training examples for epoch timing (NumPy; the same in every process).
+
+    BERT: random tokens with lengths uniform in [8, seq] (the rest padding), alternating labels;
+    ViT: uniform images, labels 0..9 in turn.
+    """
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+    if shape["model"] == "bert":
+        seq = shape["seq"]
+        mask = np.arange(seq)[None] < rng.randint(8, seq + 1, n)[:, None]
+        ids = (rng.randint(1, VOCAB, (n, seq)) * mask).astype("int32")
+        return {"token_ids": ids, "segment_ids": np.zeros_like(ids), "padding_mask": mask}, (np.arange(n) % 2).astype("int32")
+    s = shape["image"]
+    return rng.uniform(size=(n, s, s, 3)).astype("float32"), (np.arange(n) % 10).astype("int32")
+
+
+def time_epochs(runners: dict, epochs: int, log=print) -> dict:
+    """Seconds of `epochs` epochs per runner (a callable running one epoch), after one untimed
+    (compiling) epoch each; runners interleaved per round, as `time_interleaved`."""
+    import time
+
+    times = {mode: [] for mode in runners}
+    for mode, run in runners.items():
+        start = time.perf_counter()
+        run()
+        log(f"[{mode}] compile epoch {time.perf_counter() - start:.1f} s")
+    for i in range(epochs):
+        for mode, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[mode].append(time.perf_counter() - start)
+        log(f"epoch round {i + 1}/{epochs}")
+    return times
 
 
 def result_row(mode: str, times: list[float], batch_size: int, peak_mem_mb, trainable_params: int, pfor_fallback) -> dict:

@@ -46,7 +46,7 @@ sys.skip_tf_privacy_import = True  # tensorflow_privacy/__init__ imports tensorf
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import xla_memory  # noqa: E402,I001  (XLA dump flags: before TensorFlow)
-from rows import VOCAB, bert_batch, result_row, time_interleaved  # noqa: E402
+from rows import VOCAB, bert_batch, epoch_data, result_row, time_epochs, time_interleaved  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -253,6 +253,17 @@ def run_modes(shape: dict, modes, repeats: int = 5, warmup: int = 2, log=print) 
     return results
 
 
+def run_epochs(shape: dict, modes, examples: int, epochs: int, log=print) -> list[dict]:
+    """`fit` epochs of each mode on `rows.epoch_data` (TF Privacy's own sampling: shuffled
+    batches of the shape's batch size), timed interleaved after a compile epoch."""
+    x, y = epoch_data(shape, examples)
+    runners = {}
+    for mode in modes:
+        model = build(shape, mode)
+        runners[mode] = lambda model=model: model.fit(x, y, batch_size=shape["batch"], epochs=1, shuffle=True, verbose=0)
+    return [{"mode": mode, "epoch_times_s": times} for mode, times in time_epochs(runners, epochs, log).items()]
+
+
 class _StepTimer(tf.keras.callbacks.Callback):
     """Step times in fit (a tf_keras callback: `recipes.StepTimer` is a Keras 3 one)."""
 
@@ -338,6 +349,8 @@ flags.DEFINE_string("shape_json", None, "Benchmark: the harness shape (JSON dict
 flags.DEFINE_list("modes", list(MODES), "Benchmark: legacy modes to run.")
 flags.DEFINE_integer("repeats", 5, "Benchmark: timed steps per mode (interleaved).")
 flags.DEFINE_integer("warmup", 2, "Benchmark: untimed steps per mode first (the first compiles).")
+flags.DEFINE_integer("epoch_examples", 0, "Benchmark: time `fit` epochs over this many synthetic examples instead of steps.")
+flags.DEFINE_integer("timed_epochs", 2, "Benchmark with --epoch_examples: timed epochs per mode (after a compile epoch).")
 flags.DEFINE_string("text_npz", None, "Utility run instead: the task file written by examples/utility_sweep.py.")
 flags.DEFINE_enum("text_mode", "tfp_legacy_full", ["tfp_legacy_full", "tfp_legacy_bitfit"], "Utility run: the method.")
 flags.DEFINE_float("epsilon", 8.0, "Utility run: target ε.")
@@ -365,7 +378,10 @@ def main(_):
         unknown = sorted(set(FLAGS.modes) - set(MODES))
         if unknown:
             raise app.UsageError(f"unknown legacy modes {unknown}; known: {list(MODES)}")
-        results = run_modes(shape, FLAGS.modes, FLAGS.repeats, FLAGS.warmup, log=log)
+        if FLAGS.epoch_examples:
+            results = run_epochs(shape, FLAGS.modes, FLAGS.epoch_examples, FLAGS.timed_epochs, log=log)
+        else:
+            results = run_modes(shape, FLAGS.modes, FLAGS.repeats, FLAGS.warmup, log=log)
         report = {"results": results, "tf_keras": tf_keras_version(), "tensorflow": tf.__version__}
     text = json.dumps(report, indent=1)
     if FLAGS.out:

@@ -38,6 +38,9 @@ flags.DEFINE_enum("shape", "small", list(SHAPES), "Model/batch shape (same names
 flags.DEFINE_list("modes", list(MODES), "Modes to run.")
 flags.DEFINE_integer("repeats", 5, "Timed steps per mode (interleaved).")
 flags.DEFINE_integer("warmup", 2, "Untimed steps per mode first.")
+flags.DEFINE_string("shape_json", None, "A shape as a JSON dict (overrides --shape; BERT only).")
+flags.DEFINE_integer("epoch_examples", 0, "Time epochs over this many synthetic examples instead of steps: "
+                     "torch_* shuffled batches, opacus_* Poisson-sampled (Opacus' DPDataLoader).")
 flags.DEFINE_bool("memory", True, "Measure each mode's peak RSS in a child process.")
 flags.DEFINE_string("out", None, "Write the JSON results here.")
 
@@ -84,6 +87,52 @@ def step(model, optimizer, x, y):
     optimizer.step()
 
 
+def epoch_data(shape, n):
+    """`rows.epoch_data` of the main harness (same NumPy draws): tokens with lengths in [8, seq]."""
+    rng = np.random.RandomState(0)
+    seq = shape["seq"]
+    mask = np.arange(seq)[None] < rng.randint(8, seq + 1, n)[:, None]
+    ids = rng.randint(1, 30522, (n, seq)) * mask
+    return torch.from_numpy(ids).long(), torch.from_numpy(mask).long(), torch.from_numpy(np.arange(n) % 2).long()
+
+
+def run_epochs(shape, modes, n, epochs):
+    """Median seconds of `epochs` epochs per mode after one untimed epoch, modes interleaved."""
+    from opacus.data_loader import DPDataLoader
+
+    ids, mask, labels = epoch_data(shape, n)
+    dataset = torch.utils.data.TensorDataset(ids, mask, labels)
+    runners = {}
+    for mode in modes:
+        model, optimizer, _ = build(shape, mode)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=shape["batch"], shuffle=True)
+        if mode.startswith("opacus"):
+            loader = DPDataLoader.from_data_loader(loader)  # Poisson sampling, expected batch shape["batch"]
+
+        def run(model=model, optimizer=optimizer, loader=loader):
+            for batch_ids, batch_mask, y in loader:
+                if len(y) == 0:  # an empty Poisson sample: Opacus' optimizer still adds noise
+                    continue
+                b, t = batch_ids.shape
+                x = dict(input_ids=batch_ids, token_type_ids=torch.zeros_like(batch_ids), attention_mask=batch_mask,
+                         position_ids=torch.arange(t).expand(b, t).contiguous())
+                step(model, optimizer, x, y)
+
+        runners[mode] = run
+    times = {mode: [] for mode in modes}
+    for mode, run in runners.items():
+        start = time.perf_counter()
+        run()
+        print(f"[{mode}] first epoch {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    for i in range(epochs):
+        for mode, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[mode].append(time.perf_counter() - start)
+        print(f"epoch round {i + 1}/{epochs}", file=sys.stderr, flush=True)
+    return [{"mode": mode, "epoch_times_s": t} for mode, t in times.items()]
+
+
 def _rss_mb():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -127,7 +176,15 @@ def peak_rss_delta_mb(shape, mode, warmup):
 
 def main(_):
     torch.set_num_threads(os.cpu_count())
-    shape = dict(SHAPES[FLAGS.shape], name=FLAGS.shape)
+    shape = json.loads(FLAGS.shape_json) if FLAGS.shape_json else dict(SHAPES[FLAGS.shape], name=FLAGS.shape)
+    if FLAGS.epoch_examples:
+        report = {"shape": shape, "device": f"CPU ({os.cpu_count()} cores), PyTorch {torch.__version__}",
+                  "results": run_epochs(shape, FLAGS.modes, FLAGS.epoch_examples, FLAGS.repeats)}
+        print(json.dumps(report["results"]))
+        if FLAGS.out:
+            with open(FLAGS.out, "w") as f:
+                json.dump(report, f, indent=1)
+        return
     x, y = make_batch(shape)
     runners, info = {}, {}
     for mode in FLAGS.modes:

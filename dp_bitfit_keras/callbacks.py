@@ -1,15 +1,23 @@
-"""`PrivacyCallback`: ε in the logs, and a hard stop at a privacy budget."""
+"""`PrivacyCallback`: ε in the logs (every step and epoch), and a hard stop at a privacy budget."""
 
 from __future__ import annotations
 
 import keras
 
 from dp_bitfit_keras.optimizer import DPOptimizer
+from dp_bitfit_keras.privacy import accounting
 
 
 class PrivacyCallback(keras.callbacks.Callback):
-    """Writes `epsilon` into the logs after each epoch (progress bar and `History`) and, with
-    `max_epsilon`, stops training before a step would spend more.
+    """Writes `epsilon` into the logs after every batch (the progress bar shows it as steps go)
+    and after each epoch (`History`, `keras.callbacks.TensorBoard`), and, with `max_epsilon`,
+    stops training before a step would spend more.
+
+    Per batch, ε is that of the steps taken so far, counted on the host (the ledger's step count
+    at the start of `fit` plus one per logical batch) and read off an RDP curve computed once, so
+    it adds no device read and ~0.1 ms per step; the epoch figure is the ledger's exact
+    `privacy_spent`. With `accountant="pld"` the per-batch figure is left out (each would cost a
+    fresh composition). List this callback before `TensorBoard` so that one sees `epsilon`.
 
     The budget is enforced inside the compiled step: the optimizer is given the largest number
     of steps whose ε stays within `max_epsilon` and takes no step past it; training then stops
@@ -33,6 +41,7 @@ class PrivacyCallback(keras.callbacks.Callback):
         self.delta = delta
         self.max_epsilon = max_epsilon
         self.max_steps = None
+        self._curve = None
 
     def _optimizer(self) -> DPOptimizer:
         optimizer = self.model.optimizer
@@ -45,10 +54,29 @@ class PrivacyCallback(keras.callbacks.Callback):
         if self.max_epsilon is not None:
             self.max_steps = optimizer.max_steps_within(self.max_epsilon, self.delta)
             optimizer.set_step_budget(self.max_steps)
+        self._steps_at_begin = optimizer.dp_steps
+        self._batches_before_epoch = self._batches_in_epoch = 0
+        self._curve = None
+        sigma, q = optimizer.noise_multiplier, optimizer.sampling_rate
+        if optimizer.accountant == "rdp" and sigma and q:
+            self._curve = accounting.EpsilonCurve(optimizer.step_event(), optimizer.sampling_rate, self.delta)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._batches_before_epoch += self._batches_in_epoch
+        self._batches_in_epoch = 0
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.max_steps is not None and self._optimizer().dp_steps >= self.max_steps:
-            self.model.stop_training = True
+        optimizer = self._optimizer()
+        self._batches_in_epoch = batch + 1
+        if self.max_steps is not None:
+            steps = optimizer.dp_steps  # read anyway for the stop
+            if steps >= self.max_steps:
+                self.model.stop_training = True
+        else:
+            batches = self._batches_before_epoch + self._batches_in_epoch
+            steps = self._steps_at_begin + batches // optimizer.accumulation_steps
+        if self._curve is not None and logs is not None:
+            logs["epsilon"] = self._curve(steps)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:

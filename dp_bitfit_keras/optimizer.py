@@ -159,6 +159,10 @@ class DPOptimizer(keras.optimizers.Optimizer):
         # One 0/1 tensor (or None) per trained variable: sparse fine-tuning (SPARTA) trains only
         # the 1 entries; their per-example gradients are clipped and noised, the rest stay put.
         self.gradient_masks = None
+        # SPARTA's selection statistic: each example's gradient replaced by its entrywise
+        # absolute value before clipping. ‖|g|‖ = ‖g‖, so the clip factor, and with it the
+        # sensitivity C of the sum, are those of the signed gradient.
+        self.absolute_gradients = False
         self._query = queries.SeededGaussianSumQuery(self.l2_norm_clip, 0.0, noise_generator)
         self._adaptive_query = None
 
@@ -314,6 +318,8 @@ class DPOptimizer(keras.optimizers.Optimizer):
             # Sparse fine-tuning: only the masked entries are trained; the clip (hence the
             # sensitivity) is over those entries alone.
             per_example_grads = [g if m is None else g * tf.cast(m, g.dtype)[None] for g, m in zip(per_example_grads, masks)]
+        if self.absolute_gradients:
+            per_example_grads = [tf.abs(g) for g in per_example_grads]
         clip = self._current_l2_norm_clip.value
         summed, norms = self._clip_and_sum(per_example_grads, clip, mask, self._group_index(trainable_variables))
         below = tf.constant(0.0)

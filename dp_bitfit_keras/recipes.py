@@ -36,12 +36,14 @@ METHODS = {
     "dp_full": ("all", True),
     # Other private methods on the same engine (dp_bitfit_keras.methods):
     "dpzero": ("all", True),  # zeroth order: two forward passes, no backward
-    "sparta": ("sparse", True),  # private row selection, then DP-SGD on 20% of the kernel rows
+    "sparta": ("sparse", True),  # SPARTA as published: private row selection, then DP-SGD on 20% of the kernel entries
+    "sparta_signed": ("sparse", True),  # the earlier selection (signed noisy sums, input-feature rows): comparison only
     "two_phase": ("all, then bias", True),  # DP full for half the epochs, then DP-BiTFiT
 }
 SPECIAL_LEARNING_RATES = {
     "dpzero": 1e-5,  # SGD; the paper's 1e-6 is for OPT-size models and moves MiniLM too little in few steps
     "sparta": 1e-3,  # Adam on the selected rows
+    "sparta_signed": 1e-3,
     "two_phase": (5e-4, 5e-3),  # Adam: DP full, then bias-only (the paper's rates)
 }
 DPZERO_CLIP = 200.0  # the paper's C for the per-example scalar
@@ -165,15 +167,16 @@ def train(
     base = build_model()
     timer = StepTimer(group=k)
     fit_kwargs = dict(batch_size=batch_size, epochs=epochs, validation_data=validation_data, verbose=verbose)
-    if method in ("sparta", "two_phase"):
+    if method in ("sparta", "sparta_signed", "two_phase"):
         cbs = [timer, PrivacyCallback(delta=delta), *callbacks]
         common = dict(
             loss=loss, batch_size=batch_size, l2_norm_clip=l2_norm_clip, target_epsilon=epsilon, delta=delta,
             clipping=clipping, metrics=["accuracy"], callbacks=cbs, seed=noise_seed, gradient_accumulation_steps=k,
             validation_data=validation_data, verbose=verbose,
         )
-        if method == "sparta":
-            run = sparta_fit(base, x_train, y_train, density=0.2, epochs=epochs, optimizer=keras.optimizers.Adam(lr), **common)
+        if method.startswith("sparta"):
+            run = sparta_fit(base, x_train, y_train, density=0.2, epochs=epochs, optimizer=keras.optimizers.Adam(lr),
+                             variant="signed" if method == "sparta_signed" else "published", **common)
             sparse_trainable = int(sum(m.sum() for m in run.masks.values()))
         else:
             lr1, lr2 = lr if isinstance(lr, tuple) else (lr, lr)
@@ -208,7 +211,7 @@ def train(
         model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, metrics=["accuracy"], jit_compile=True)
         model.fit(x_train, y_train, callbacks=[timer, *callbacks], **fit_kwargs)
     # SPARTA trains the masked entries of its variables only.
-    num_trainable = sparse_trainable if method == "sparta" else selection.num_trainable
+    num_trainable = sparse_trainable if method.startswith("sparta") else selection.num_trainable
     eps = model.privacy_spent(delta)[0] if private else math.inf
     return RunResult(
         method=method,

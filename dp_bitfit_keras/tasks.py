@@ -26,6 +26,7 @@ class Task:
 # The small digits CNN takes larger steps than a BERT (tuned on the validation split).
 DIGITS_LEARNING_RATES = {
     "full": 1e-3, "dp_full": 2e-3, "bitfit": 2e-2, "bitfit_head": 2e-2, "dp_bitfit": 2e-2, "dp_bitfit_head": 2e-2,
+    "sparta": 2e-3, "sparta_signed": 2e-3,  # dp_full's rate: SPARTA trains a subset of the same kernels
 }
 
 

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,8 @@ flags.DEFINE_integer("image_batch_size", 64, "Expected batch size on the image t
 flags.DEFINE_integer("seed", 0, "Seed of initialisation, splits and dropout (not the DP noise or sampling).")
 flags.DEFINE_integer("noise_seed", None, "Make the DP noise and Poisson sampling reproducible (not private against "
                      "whoever knows it). Default: secret keys, so private rows vary from run to run.")
+flags.DEFINE_integer("repeats", 1, "Runs per (method, ε): same splits and initialisation, fresh DP noise and "
+                     "sampling each run; tables show mean ± standard deviation.")
 flags.DEFINE_string("out", "results/utility", "Output prefix: writes <out>.json, <out>.md, <out>.png.")
 
 
@@ -122,25 +125,36 @@ def _sweep_runs(task_name, task, epochs, batch_size, epsilons, scratch):
     rows = []
     task_file = None
     for method, eps in _runs(FLAGS.methods, epsilons):
-        print(f"== {task_name}: {method} at ε = {eps:g}", flush=True)
-        if method in PEER_METHODS:
-            if not task_name.startswith("text"):
-                print("   skipped: the TF Privacy peer runs on the text task only", flush=True)
-                continue
-            if task_file is None:
-                task_file = os.path.join(scratch, "task.npz")
-                write_peer_task(task, task_file, FLAGS.seed)
-            result = peer_run(task, task_file, method, eps, epochs, batch_size)
-        else:
-            result = recipes.train(
-                method, task.build_model, task.splits.train, task.splits.validation, task.splits.test,
-                epsilon=eps if math.isfinite(eps) else 1.0, epochs=epochs, batch_size=batch_size,
-                learning_rate=task.learning_rate(method), seed=FLAGS.seed, noise_seed=FLAGS.noise_seed, verbose=0,
-            ).as_dict()
-        row = dict(result, task=task_name, target_epsilon=eps)
-        print(json.dumps({k: row[k] for k in ("method", "target_epsilon", "epsilon", "validation_accuracy", "test_accuracy", "ms_per_step")}), flush=True)
-        rows.append(row)
+        for repeat in range(FLAGS.repeats if math.isfinite(eps) else 1):
+            print(f"== {task_name}: {method} at ε = {eps:g}" + (f", run {repeat + 1}/{FLAGS.repeats}" if FLAGS.repeats > 1 else ""),
+                  flush=True)
+            if method in PEER_METHODS:
+                if not task_name.startswith("text"):
+                    print("   skipped: the TF Privacy peer runs on the text task only", flush=True)
+                    continue
+                if task_file is None:
+                    task_file = os.path.join(scratch, "task.npz")
+                    write_peer_task(task, task_file, FLAGS.seed)
+                result = peer_run(task, task_file, method, eps, epochs, batch_size)
+            else:
+                result = recipes.train(
+                    method, task.build_model, task.splits.train, task.splits.validation, task.splits.test,
+                    epsilon=eps if math.isfinite(eps) else 1.0, epochs=epochs, batch_size=batch_size,
+                    learning_rate=task.learning_rate(method), seed=FLAGS.seed, noise_seed=FLAGS.noise_seed, verbose=0,
+                ).as_dict()
+            row = dict(result, task=task_name, target_epsilon=eps, repeat=repeat)
+            print(json.dumps({k: row[k] for k in ("method", "target_epsilon", "epsilon", "validation_accuracy", "test_accuracy", "ms_per_step")}), flush=True)
+            rows.append(row)
     return rows
+
+
+def _cell(accuracies):
+    """Test accuracy in %: one run's, or mean ± standard deviation (runs) of several."""
+    if not accuracies:
+        return ""
+    if len(accuracies) == 1:
+        return f"{100 * accuracies[0]:.1f}"
+    return f"{100 * statistics.mean(accuracies):.1f} ± {100 * statistics.stdev(accuracies):.1f} ({len(accuracies)})"
 
 
 def markdown(rows):
@@ -149,7 +163,8 @@ def markdown(rows):
     lines = [header, "|" + "---|" * (2 + len(epsilons))]
     for task in dict.fromkeys(r["task"] for r in rows):
         for method in dict.fromkeys(r["method"] for r in rows if r["task"] == task):
-            cells = {r["target_epsilon"]: f"{100 * r['test_accuracy']:.1f}" for r in rows if r["task"] == task and r["method"] == method}
+            cells = {e: _cell([r["test_accuracy"] for r in rows if r["task"] == task and r["method"] == method and r["target_epsilon"] == e])
+                     for e in epsilons}
             lines.append(f"| {task} | {method} | " + " | ".join(cells.get(e, "") for e in epsilons) + " |")
     return "\n".join(lines) + "\n"
 
@@ -167,7 +182,8 @@ def plot(rows, path):
     for ax, task in zip(axes[0], task_names):
         epsilons = sorted({r["target_epsilon"] for r in rows if r["task"] == task and math.isfinite(r["target_epsilon"])})
         for method in dict.fromkeys(r["method"] for r in rows if r["task"] == task):
-            points = sorted((r["target_epsilon"], r["test_accuracy"]) for r in rows if r["task"] == task and r["method"] == method)
+            runs = [(r["target_epsilon"], r["test_accuracy"]) for r in rows if r["task"] == task and r["method"] == method]
+            points = sorted((e, statistics.mean(a for e2, a in runs if e2 == e)) for e in {e for e, _ in runs})
             colour = colours.get(method.removeprefix("dp_"))  # None: matplotlib's next colour
             if math.isinf(points[0][0]):
                 ax.axhline(points[0][1], linestyle="--", color=colour, label=f"{method} (non-private)")

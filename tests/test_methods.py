@@ -83,38 +83,92 @@ def test_dpzero_fit_is_accounted_like_dp_sgd():
 
 def test_row_selection_has_the_requested_density():
     rng = np.random.RandomState(0)
-    sums = [rng.randn(40, 10).astype("float32"), rng.randn(10, 20).astype("float32"), rng.randn(2, 3, 5).astype("float32")]
-    masks = sparta_module.select_rows(sums, 0.2)
-    total = sum(s.size for s in sums)
+    scores = [rng.randn(40, 10).astype("float32"), rng.randn(10, 20).astype("float32"), rng.randn(2, 3, 5).astype("float32")]
+    axes = [(1,), (1,), (1, 2)]  # output units: columns of a Dense kernel; two axes of an EinsumDense one
+    masks = sparta_module.select_rows(scores, 0.2, axes)
+    total = sum(s.size for s in scores)
     kept = sum(m.sum() for m in masks)
-    assert 0.2 * total <= kept < 0.2 * total + 20  # greedy rows: past the target by < one row
-    for m in masks:  # whole rows
-        rows = m.reshape(-1, m.shape[-1])
-        assert set(np.unique(rows.min(1) == rows.max(1))) == {True}
-    # The kept rows are the highest-scoring ones.
-    scores = np.concatenate([sparta_module.row_scores(s) for s in sums])
-    kept_rows = np.concatenate([m.reshape(-1, m.shape[-1])[:, 0] > 0 for m in masks])
-    assert scores[kept_rows].min() >= scores[~kept_rows].max()
+    assert 0.2 * total <= kept < 0.2 * total + 40  # greedy rows: past the target by < one row
+    views = [np.moveaxis(m, 0, -1).reshape(-1, m.shape[0]) for m in masks]  # [rows, entries]
+    for view in views:  # whole rows (all weights into one output unit)
+        assert set(np.unique(view.min(1) == view.max(1))) == {True}
+    # The kept rows are the highest-scoring ones (scores pooled by sum over a row's entries).
+    pooled = np.concatenate([np.moveaxis(s, 0, -1).reshape(-1, s.shape[0]).sum(1) for s in scores])
+    kept_rows = np.concatenate([v[:, 0] > 0 for v in views])
+    assert np.allclose(pooled, np.concatenate([sparta_module.row_scores(s, a) for s, a in zip(scores, axes)]), atol=1e-5)
+    assert pooled[kept_rows].min() >= pooled[~kept_rows].max()
 
 
-def test_sparta_trains_only_masked_entries_and_accounts_both_phases():
+def test_rows_are_output_units():
+    inputs = keras.Input((4, 8))
+    dense = keras.layers.Dense(5)
+    einsum = keras.layers.EinsumDense("abc,cde->abde", output_shape=(4, 2, 3))
+    conv = keras.layers.Conv1D(6, 3)
+    model = keras.Model(inputs, [dense(inputs), einsum(inputs), conv(inputs)])
+    assert sparta_module.output_axes(model, dense.kernel) == (1,)
+    assert sparta_module.output_axes(model, einsum.kernel) == (1, 2)
+    assert sparta_module.output_axes(model, conv.kernel) == (2,)
+
+
+def _sparta_zero_noise(base, x, y, variant):
+    return dpk.methods.sparta(base, x, y, loss=keras.losses.MeanSquaredError(reduction=None), density=0.5, batch_size=32,
+                              l2_norm_clip=1e3, noise_multiplier=0.0, seed=0, variant=variant, train_head=False, verbose=0)
+
+
+def test_sparta_published_statistic_keeps_large_cancelling_gradients():
+    # One input, two output units (two rows). Unit 0's per-example gradients are large and
+    # cancel in sign (targets ±3), unit 1's are small and agree (targets 0.5): the absolute
+    # statistic keeps unit 0 (a signed sum would rank it ~0).
+    x = np.ones((64, 1), "float32")
+    y = np.stack([np.where(np.arange(64) % 2 == 0, 3.0, -3.0), np.full(64, 0.5)], axis=1).astype("float32")
+    base = keras.Sequential([keras.Input((1,)), keras.layers.Dense(2, use_bias=False, kernel_initializer="zeros")])
+    result = _sparta_zero_noise(base, x, y, "published")
+    (mask,) = result.masks.values()
+    assert (result.kept_rows, result.candidate_rows, result.kept_entries) == (1, 2, 1)
+    assert mask[0, 0] == 1 and mask[0, 1] == 0
+
+
+def test_sparta_signed_variant_keeps_consistent_small_gradients():
+    # The earlier variant (rows = input features, signed sums): feature 0's gradients are
+    # large and cancel (x0 = ±1), feature 1's small and agree (x1 = 0.5): it keeps feature 1.
+    x = np.stack([np.where(np.arange(64) % 2 == 0, 1.0, -1.0), np.full(64, 0.5)], axis=1).astype("float32")
+    y = np.full((64, 1), 3.0, "float32")
+    base = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")])
+    result = _sparta_zero_noise(base, x, y, "signed")
+    (mask,) = result.masks.values()
+    assert (result.kept_rows, result.candidate_rows) == (1, 2)
+    assert mask[0, 0] == 0 and mask[1, 0] == 1
+
+
+@pytest.mark.parametrize("train_head", [True, False])
+def test_sparta_trains_only_masked_entries_and_accounts_both_phases(train_head):
     keras.utils.set_random_seed(4)
     base = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(3)])
     rng = np.random.RandomState(4)
     x = rng.randn(200, 6).astype("float32")
     y = (x[:, 0] > 0).astype("int32")
     initial = {w.path: w.numpy().copy() for w in base.weights}
-    result = dpk.methods.sparta(base, x, y, loss=LOSS, density=0.25, batch_size=20, noise_multiplier=1.0, seed=0, verbose=0)
-    assert 0.25 <= result.density < 0.25 + 16 / 144
+    result = dpk.methods.sparta(base, x, y, loss=LOSS, density=0.25, batch_size=20, noise_multiplier=1.0, seed=0,
+                                train_head=train_head, verbose=0)
+    head = base.layers[-1]
+    # Candidates: both kernels (rows of 6 and of 16 entries), or the first alone (the head is
+    # trained whole, outside the selection).
+    candidates, widest = (6 * 16, 6) if train_head else (6 * 16 + 16 * 3, 16)
+    assert 0.25 <= result.density < 0.25 + widest / candidates
+    assert result.kept_entries == int(sum(m.sum() for m in result.masks.values())) > 0
+    assert (head.kernel.path in result.masks) != train_head
     assert result.selection_steps == 10 and result.steps == 20
     for w in base.weights:
         changed = w.numpy() != initial[w.path]
         mask = result.masks.get(w.path)
-        if mask is None:  # biases: not candidates, not trained
+        if train_head and any(w is v for v in head.variables):
+            assert changed.all()  # the head: trained whole
+        elif mask is None:  # biases: not candidates, not trained
             assert not changed.any()
         else:
             assert not (changed & (mask == 0)).any()  # nothing outside the mask moved
-            assert changed[mask > 0].mean() > 0.99  # and the kept entries did
+            if mask.any():  # (a global Top-k may keep no row of a kernel)
+                assert changed[mask > 0].mean() > 0.99  # and the kept entries did
     event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.0)), 20)
     accountant = dp_accounting.rdp.RdpAccountant()
     accountant.compose(event)
@@ -138,7 +192,7 @@ def test_sparta_with_gradient_accumulation_is_the_same_run():
         results[-1].weights = [w.numpy() for w in base.weights]
     one, accumulated = results
     assert accumulated.selection_steps == one.selection_steps == 10 and accumulated.steps == one.steps == 20
-    assert len(one.masks) == len(accumulated.masks) == 2
+    assert len(one.masks) == len(accumulated.masks) == 1  # the hidden kernel (the head is trained whole)
     for a, b in zip(accumulated.masks.values(), one.masks.values()):  # paths differ: a second model
         np.testing.assert_array_equal(a, b)
     for a, b in zip(accumulated.weights, one.weights):

@@ -177,7 +177,9 @@ def train(
         if method.startswith("sparta"):
             run = sparta_fit(base, x_train, y_train, density=0.2, epochs=epochs, optimizer=keras.optimizers.Adam(lr),
                              variant="signed" if method == "sparta_signed" else "published", **common)
-            sparse_trainable = int(sum(m.sum() for m in run.masks.values()))
+            # Kept kernel entries, plus what phase 2 trains whole (the head; biases if asked).
+            sparse_trainable = run.kept_entries + sum(
+                int(np.prod(v.shape)) for v in run.model.selection.variables if v.path not in run.masks)
         else:
             lr1, lr2 = lr if isinstance(lr, tuple) else (lr, lr)
             first = epochs // 2  # DP full for the first half (none with 1 epoch), then DP-BiTFiT
@@ -210,7 +212,7 @@ def train(
         apply_selection(model, selection)
         model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, metrics=["accuracy"], jit_compile=True)
         model.fit(x_train, y_train, callbacks=[timer, *callbacks], **fit_kwargs)
-    # SPARTA trains the masked entries of its variables only.
+    # SPARTA trains the kept entries of its kernels (and the head whole) only.
     num_trainable = sparse_trainable if method.startswith("sparta") else selection.num_trainable
     eps = model.privacy_spent(delta)[0] if private else math.inf
     return RunResult(

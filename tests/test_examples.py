@@ -204,6 +204,8 @@ def test_recipes_accumulate_micro_batches_into_logical_steps(method):
     phases = 2 if method == "sparta" else 1  # SPARTA: a selection epoch, then a training epoch
     assert result.steps == 10 * phases and result.epsilon <= 4.0 + 1e-6
     assert result.ms_per_step > 0
+    if method == "sparta":  # 20% of the hidden kernel (4 x 8, whole rows of 4) and the head whole
+        assert result.trainable_params == 2 * 4 + (8 * 2 + 2)
 
 
 def test_step_timer_sums_the_micro_batches_of_a_step():

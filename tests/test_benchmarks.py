@@ -103,3 +103,27 @@ def test_tf_privacy_peer_bitfit_moves_only_biases():
     assert result["moved"] == result["trainable"]  # every bias moved, no kernel did
     assert len(result["trainable"]) == 11 and all(n.split("/")[-1] in ("bias:0", "beta:0") for n in result["trainable"])
     assert result["total_params"] == 991_170  # the harness's tiny BERT
+
+
+def test_epoch_benchmark_writes_json_table_and_plot_and_re_renders(tmp_path):
+    out = tmp_path / "epoch.json"
+    binary = os.path.join(ROOT, "benchmarks", "epoch.py")
+    modes = ["bitfit", "dp_bitfit_pad", "dp_bitfit_c4", "dp_bitfit_auto"]
+    proc = subprocess.run([sys.executable, binary, "--shape=tiny", "--examples=32", "--epochs=1", f"--modes={','.join(modes)}",
+                           f"--out={out}"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {r["mode"]: r for r in report["rows"]}
+    assert list(rows) == modes and report["examples"] == 32
+    assert [rows[m]["chunk"] for m in modes] == [None, None, 4, 1]  # auto: a power of two near 4 / 8
+    assert rows["bitfit"]["vs_non_private"] is None and rows["dp_bitfit_pad"]["vs_non_private"] > 0
+    assert rows["dp_bitfit_auto"]["vs_ours"] == 1.0
+    for r in rows.values():
+        assert r["epoch_s_min"] == min(r["epoch_times_s"]) > 0
+    table = (tmp_path / "epoch.md").read_text()
+    assert table.count("| dp_bitfit_") == 3 and (tmp_path / "epoch.png").stat().st_size > 10_000
+    # --render recomputes the same statistics from the saved epoch times.
+    (tmp_path / "epoch.md").unlink()
+    proc = subprocess.run([sys.executable, binary, f"--render={out}"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "epoch.md").read_text() == table

@@ -137,13 +137,13 @@ def main(_):
         raise app.UsageError(f"{legacy} need tf_keras: `uv run --extra legacy python benchmarks/epoch.py ...`")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     x, y = epoch_data(shape, n)
-    runners, chunks = {}, {}
+    runners, models = {}, {}
     for mode in ours:
         model, kwargs = _build(mode, shape)
         runners[mode] = lambda model=model, kwargs=kwargs: model.fit(x, y, epochs=1, verbose=0, **kwargs)
-        chunks[mode] = model
+        models[mode] = model
     times = time_epochs(runners, FLAGS.epochs, log)
-    chunks = {mode: getattr(model, "_chunk", None) for mode, model in chunks.items()}
+    chunks = {mode: getattr(model, "_chunk", None) for mode, model in models.items()}
     del runners
     framework = {m: "ours (Keras 3)" for m in ours}
     if legacy:

@@ -26,6 +26,9 @@ import numpy as np
 import torch
 from absl import app, flags
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import rows  # noqa: E402  (benchmarks/rows.py: imports no TensorFlow at module level)
+
 SHAPES = {
     "small": dict(model="bert", batch=16, seq=128, layers=2, hidden=256),
     "big": dict(model="bert", batch=32, seq=256, layers=4, hidden=512),
@@ -87,20 +90,14 @@ def step(model, optimizer, x, y):
     optimizer.step()
 
 
-def epoch_data(shape, n):
-    """`rows.epoch_data` of the main harness (same NumPy draws): tokens with lengths in [8, seq]."""
-    rng = np.random.RandomState(0)
-    seq = shape["seq"]
-    mask = np.arange(seq)[None] < rng.randint(8, seq + 1, n)[:, None]
-    ids = rng.randint(1, 30522, (n, seq)) * mask
-    return torch.from_numpy(ids).long(), torch.from_numpy(mask).long(), torch.from_numpy(np.arange(n) % 2).long()
-
-
 def run_epochs(shape, modes, n, epochs):
-    """Median seconds of `epochs` epochs per mode after one untimed epoch, modes interleaved."""
+    """Seconds of `epochs` epochs per mode after one untimed epoch, modes interleaved
+    (`rows.time_epochs`, as for our modes)."""
     from opacus.data_loader import DPDataLoader
 
-    ids, mask, labels = epoch_data(shape, n)
+    # The main harness's data (rows.epoch_data: NumPy only, no TensorFlow), the same draws.
+    x, y = rows.epoch_data(shape, n)
+    ids, mask, labels = (torch.from_numpy(a).long() for a in (x["token_ids"], x["padding_mask"], y))
     dataset = torch.utils.data.TensorDataset(ids, mask, labels)
     runners = {}
     for mode in modes:
@@ -119,17 +116,7 @@ def run_epochs(shape, modes, n, epochs):
                 step(model, optimizer, x, y)
 
         runners[mode] = run
-    times = {mode: [] for mode in modes}
-    for mode, run in runners.items():
-        start = time.perf_counter()
-        run()
-        print(f"[{mode}] first epoch {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-    for i in range(epochs):
-        for mode, run in runners.items():
-            start = time.perf_counter()
-            run()
-            times[mode].append(time.perf_counter() - start)
-        print(f"epoch round {i + 1}/{epochs}", file=sys.stderr, flush=True)
+    times = rows.time_epochs(runners, epochs, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     return [{"mode": mode, "epoch_times_s": t} for mode, t in times.items()]
 
 

@@ -94,13 +94,16 @@ def _row_view(array: np.ndarray, axes) -> tuple[np.ndarray, tuple]:
     return np.transpose(array, order).reshape(rows, -1), order
 
 
+def _pool(view: np.ndarray, pool: str) -> np.ndarray:
+    return view.sum(axis=1) if pool == "sum" else np.abs(view).mean(axis=1)
+
+
 def row_scores(score: np.ndarray, axes=None, pool: str = "sum") -> np.ndarray:
     """Per-row pooled scores. `axes` (default: the last axis) index the rows; `pool`: "sum"
     (SPARTA: ṽ_j = Σ_e ũ_e) or "mean_abs" (the signed variant: mean |noisy sum|)."""
     if axes is None:
         axes = (score.ndim - 1,)
-    view, _ = _row_view(score, axes)
-    return view.sum(axis=1) if pool == "sum" else np.abs(view).mean(axis=1)
+    return _pool(_row_view(score, axes)[0], pool)
 
 
 def select_rows(scores: list[np.ndarray], density: float, axes=None, pool: str = "sum") -> list[np.ndarray]:
@@ -108,23 +111,21 @@ def select_rows(scores: list[np.ndarray], density: float, axes=None, pool: str =
     k the smallest count whose entries reach `density` of all entries. `axes[i]`: the row axes
     of `scores[i]` (default: the last axis of each)."""
     axes = axes or [(s.ndim - 1,) for s in scores]
+    views = [_row_view(s, a) for s, a in zip(scores, axes)]  # ([rows, entries], permutation)
     scored = []  # (score, variable index, row index, row size)
-    for i, (s, a) in enumerate(zip(scores, axes)):
-        view, _ = _row_view(s, a)
-        for r, value in enumerate(row_scores(s, a, pool)):
-            scored.append((float(value), i, r, view.shape[1]))
+    for i, (view, _) in enumerate(views):
+        scored += [(float(value), i, r, view.shape[1]) for r, value in enumerate(_pool(view, pool))]
     budget = density * sum(s.size for s in scores)
-    views = [np.zeros_like(_row_view(s, a)[0], dtype=np.float32) for s, a in zip(scores, axes)]
+    kept_views = [np.zeros(view.shape, np.float32) for view, _ in views]
     kept = 0
     for _, i, r, size in sorted(scored, key=lambda t: -t[0]):
         if kept >= budget:
             break
-        views[i][r] = 1.0
+        kept_views[i][r] = 1.0
         kept += size
     masks = []
-    for view, s, a in zip(views, scores, axes):
-        _, order = _row_view(s, a)
-        permuted = view.reshape([s.shape[i] for i in order])
+    for kept_view, (_, order), s in zip(kept_views, views, scores):
+        permuted = kept_view.reshape([s.shape[i] for i in order])
         masks.append(np.transpose(permuted, np.argsort(order)))
     return masks
 

@@ -51,7 +51,7 @@ SHAPES = {
 }
 
 # mode: (variables, private), as in the example recipes. More families: MODE_BUILDERS.
-MODES = {m: recipes.METHODS[m] for m in ("full", "bitfit", "dp_bitfit", "dp_bitfit_head", "dp_full")}
+MODES = {m: recipes.METHODS[m] for m in ("full", "bitfit", "dp_bitfit", "dp_bitfit_head", "dp_full", "lora", "dp_lora")}
 # The TF Privacy-on-Keras-2 peer (benchmarks/tfp_legacy.py): run in its own process, since
 # TF_USE_LEGACY_KERAS must be set before TensorFlow loads; needs the `legacy` extra (tf_keras).
 LEGACY_MODES = ("tf_keras_full", "tf_keras_bitfit", "tfp_legacy_full", "tfp_legacy_bitfit")
@@ -61,6 +61,10 @@ RATIOS = [
     ("dp_bitfit", "full"),
     ("dp_full", "dp_bitfit"),
     ("dp_full", "full"),
+    ("dp_full_vectorized", "full"),  # DP full by per-example gradients (vectorized_map), before book-keeping
+    ("dp_full", "dp_full_vectorized"),
+    ("dp_lora", "lora"),
+    ("dp_lora", "dp_bitfit"),
     ("dp_bitfit_head", "dp_bitfit"),
     ("dpzero", "dp_bitfit"),
     ("sparta", "dp_bitfit"),
@@ -74,7 +78,7 @@ RATIOS = [
     ("dp_bitfit", "dp_bitfit_philox"),  # the cost of the secure noise generator
     ("dp_full", "dp_full_philox"),
 ]
-MEMORY_RATIOS = [("dp_bitfit", "bitfit"), ("dp_full", "dp_full_philox"), ("dp_bitfit", "tfp_legacy_full"), ("dp_bitfit", "tfp_legacy_bitfit")]
+MEMORY_RATIOS = [("dp_bitfit", "bitfit"), ("dp_full", "full"), ("dp_full_vectorized", "full"), ("dp_lora", "lora"), ("dp_full", "tfp_legacy_full"), ("dp_full", "dp_full_philox"), ("dp_bitfit", "tfp_legacy_full"), ("dp_bitfit", "tfp_legacy_bitfit")]
 
 
 def gpu() -> bool:
@@ -124,10 +128,11 @@ def _loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def _private(model, inner, l2_norm_clip, shape, noise_generator="chacha20"):
+def _private(model, inner, l2_norm_clip, shape, noise_generator="chacha20", gradient_method="auto"):
     """Compiles a DPModel for one step of the benchmark: σ = 1, q = batch / 10,000, secret keys."""
     model.compile(optimizer=dpk.DPOptimizer(inner, l2_norm_clip=l2_norm_clip, noise_multiplier=1.0,
-                                            noise_generator=noise_generator), loss=_loss())
+                                            noise_generator=noise_generator), loss=_loss(),
+                  gradient_method=gradient_method)
     model.optimizer.build(model.trainable_variables)
     model.optimizer.begin_run(sampling_rate=shape["batch"] / 10000, expected_batch_size=shape["batch"], planned_steps=100)
     return model
@@ -136,11 +141,16 @@ def _private(model, inner, l2_norm_clip, shape, noise_generator="chacha20"):
 def _build_standard(shape, mode):
     # `<mode>_philox`: the same step with TF's Philox noise instead of the secure ChaCha20 sum of
     # 4 Gaussians (not private against a strong adversary): what the secure generator costs.
+    # `<mode>_vectorized`: per-example gradients of every variable by vectorized_map (the path
+    # before book-keeping), for comparison.
     base_mode, generator = (mode[: -len("_philox")], "philox") if mode.endswith("_philox") else (mode, "chacha20")
+    base_mode, method = (base_mode[: -len("_vectorized")], "vectorized") if base_mode.endswith("_vectorized") else (base_mode, "auto")
     trainable, private = MODES[base_mode]
     base = build_base(shape)
+    if trainable.startswith("lora"):
+        dpk.enable_lora(base, recipes.LORA_RANK)
     if private:
-        return _private(dpk.DPModel(base, trainable=trainable), keras.optimizers.Adam(1e-3), 1.0, shape, generator)
+        return _private(dpk.DPModel(base, trainable=trainable), keras.optimizers.Adam(1e-3), 1.0, shape, generator, method)
     dpk.selection.apply_selection(base, dpk.select_variables(base, trainable))
     base.compile(optimizer=keras.optimizers.Adam(1e-3), loss=_loss(), jit_compile=True)
     return base
@@ -168,6 +178,7 @@ def _build_sparta(shape, mode, density=0.2):
 # one step of that mode. Other method families add theirs here.
 MODE_BUILDERS = {mode: _build_standard for mode in MODES}
 MODE_BUILDERS.update({f"{mode}_philox": _build_standard for mode in ("dp_bitfit", "dp_full")})
+MODE_BUILDERS.update({f"{mode}_vectorized": _build_standard for mode in ("dp_full", "dp_lora", "dp_bitfit_head")})
 MODE_BUILDERS["dpzero"] = _build_dpzero
 MODE_BUILDERS["sparta"] = _build_sparta
 
@@ -316,6 +327,9 @@ def seq_sweep(shape: dict, modes, seqs, repeats=3, warmup=1, log=print) -> dict:
     return {"sweep": "seq", "reports": reports}
 
 
+MAX_PROBE_BATCH = 1 << 16
+
+
 def largest_batch(shape: dict, mode: str, cap_mb: float, probes=(8, 16), log=print) -> dict:
     """Largest batch whose compiled step fits in `cap_mb` (XLA's buffer assignment; compile only).
 
@@ -324,13 +338,19 @@ def largest_batch(shape: dict, mode: str, cap_mb: float, probes=(8, 16), log=pri
     """
     model = build(shape, mode)
     model.train_on_batch(*batch(shape, 2))  # builds the optimizer's slots
-    mem = {b: xla_step_memory_mb(model, *batch(shape, b)) for b in probes}
-    if any(v is None for v in mem.values()):
-        raise RuntimeError("XLA memory dump not available: import harness before TensorFlow.")
-    b0, b1 = probes
-    per_example = (mem[b1] - mem[b0]) / (b1 - b0)
+    for _ in range(3):
+        mem = {b: xla_step_memory_mb(model, *batch(shape, b)) for b in probes}
+        if any(v is None for v in mem.values()):
+            raise RuntimeError("XLA memory dump not available: import harness before TensorFlow.")
+        b0, b1 = probes
+        per_example = (mem[b1] - mem[b0]) / (b1 - b0)
+        if per_example * b1 >= 0.05 * mem[b1]:
+            break
+        # Fixed buffers (weights, optimizer slots, noise) hide the per-example growth at small
+        # probes (book-keeping's per-example memory is small): probe further apart.
+        probes = (b1, 8 * b1)
     fixed = mem[b0] - b0 * per_example
-    guess = max(1, int((cap_mb - fixed) / max(per_example, 1e-9)))
+    guess = max(1, min(MAX_PROBE_BATCH, int((cap_mb - fixed) / max(per_example, 1e-9))))
     for _ in range(6):
         used = xla_step_memory_mb(model, *batch(shape, guess))
         log(f"[{mode}] batch {guess}: {used:.0f} MB (cap {cap_mb:.0f})")

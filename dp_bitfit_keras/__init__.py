@@ -14,6 +14,7 @@ from dp_bitfit_keras.privacy.accounting import noise_multiplier_for_epsilon
 from dp_bitfit_keras.privacy.sampling import max_batch_size_for
 from dp_bitfit_keras.privacy.sampling import poisson_batches
 from dp_bitfit_keras.selection import Selection
+from dp_bitfit_keras.selection import enable_lora
 from dp_bitfit_keras.selection import select_variables
 
 __version__ = "0.1.0"
@@ -27,6 +28,7 @@ __all__ = [
     "Selection",
     "audit",
     "compute_epsilon",
+    "enable_lora",
     "last_pfor_fallbacks",
     "max_batch_size_for",
     "methods",

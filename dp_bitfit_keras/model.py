@@ -8,7 +8,7 @@ import warnings
 import keras
 import tensorflow as tf
 
-from dp_bitfit_keras import gradients, selection
+from dp_bitfit_keras import bookkeeping, gradients, selection
 from dp_bitfit_keras.optimizer import DPOptimizer
 from dp_bitfit_keras.privacy import checks, sampling
 
@@ -39,6 +39,7 @@ def per_example_loss(loss):
     )
 
 
+GRADIENT_METHODS = ("auto", "vectorized", "bookkeeping")
 # Per-example-gradient memory that the automatic chunk size keeps one chunk under (float32).
 CHUNK_MEMORY_BUDGET = 2**30
 
@@ -136,7 +137,7 @@ class DPModel(keras.Model):
 
     # --- Compile / fit -----------------------------------------------------------------------
 
-    def compile(self, optimizer=None, loss=None, jit_compile=True, physical_batch_size="auto", **kwargs):
+    def compile(self, optimizer=None, loss=None, jit_compile=True, physical_batch_size="auto", gradient_method="auto", **kwargs):
         """As `keras.Model.compile`, with a `DPOptimizer` and XLA on by default (also on CPU).
 
         `physical_batch_size`: rows whose per-example gradients are computed at once. A padded
@@ -147,7 +148,20 @@ class DPModel(keras.Model):
         add up to the batch's, and the noise is added once: the mechanism and ε are those of
         the whole batch. `"auto"` (default): chosen at `fit` (`chunk_size_for`); an int: that
         size; None: the whole batch at once.
+
+        `gradient_method`: how the clipped sum of per-example gradients is computed.
+        `"vectorized"`: per-example gradients of every trained variable by `vectorized_map`
+        (`[batch, *shape]` each: cheap for biases, costly for kernels). `"bookkeeping"`: from
+        each layer's input and output gradient in one batched forward/backward pass, without
+        per-example weight gradients (`dp_bitfit_keras.bookkeeping`; variables it does not
+        cover fall back to vectorized_map, with a warning). `"auto"` (default): book-keeping
+        when the selection trains more than biases, vectorized for DP-BiTFiT. Both give the
+        same update (to float round-off); SPARTA's masked and absolute gradients always use
+        the vectorized path.
         """
+        if gradient_method not in GRADIENT_METHODS:
+            raise ValueError(f"gradient_method must be one of {GRADIENT_METHODS}; got {gradient_method!r}.")
+        self.gradient_method = gradient_method
         if physical_batch_size not in ("auto", None) and not (isinstance(physical_batch_size, int) and physical_batch_size >= 1):
             raise ValueError(f"physical_batch_size must be 'auto', None or an int >= 1; got {physical_batch_size!r}.")
         self.physical_batch_size = physical_batch_size
@@ -187,28 +201,62 @@ class DPModel(keras.Model):
         self.compile(**config)
         self.optimizer.build(self.trainable_variables)
 
+    def uses_bookkeeping(self) -> bool:
+        """Whether the step computes clipped sums by book-keeping (see `compile`)."""
+        method = getattr(self, "gradient_method", "auto")
+        optimizer = getattr(self, "optimizer", None)
+        if method == "vectorized" or (
+            isinstance(optimizer, DPOptimizer) and (optimizer.gradient_masks is not None or optimizer.absolute_gradients)
+        ):
+            return False
+        if method == "bookkeeping":
+            return True
+        biases = {id(v) for v in selection.bias_variables(self.model)}
+        return any(id(v) not in biases for v in self.selection.variables)
+
+    def _per_example_params(self) -> int:
+        """Scalars whose per-example gradients the step materializes (for the chunk size)."""
+        variables = list(self.selection.variables)
+        if self.uses_bookkeeping():
+            variables = bookkeeping.covered_variables(self.model, variables)[1]
+        return sum(selection._size(v) for v in variables)
+
+    def _clip_sum_function(self, variables):
+        """`(x, y, sample_weight) -> (summed, below, losses, y_pred)`: a batch's clipped sum."""
+        loss_scale = getattr(self, "_loss_scale", None)
+        if self.uses_bookkeeping():
+            def clip_sum(x, y, sample_weight):
+                return bookkeeping.clipped_sums(
+                    self.model, self._per_example_loss, x, y, variables, sample_weight, self.optimizer,
+                    mask=example_mask(sample_weight), training=True, loss_scale=loss_scale,
+                )
+        else:
+            def clip_sum(x, y, sample_weight):
+                grads, losses, y_pred = gradients._per_example(
+                    self.model, self._per_example_loss, x, y, variables, sample_weight, training=True,
+                    loss_scale=loss_scale,
+                )
+                summed, below, _ = self.optimizer.clipped_sum(grads, variables, example_mask(sample_weight))
+                return summed, below, losses, y_pred
+
+        if getattr(self, "_nested_xla", False):
+            clip_sum = tf.function(clip_sum, jit_compile=True, autograph=False)
+        return clip_sum
+
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         variables = list(self.selection.variables)
-        def compute(x, y, sample_weight):
-            return gradients._per_example(
-                self.model, self._per_example_loss, x, y, variables, sample_weight, training=True,
-                loss_scale=getattr(self, "_loss_scale", None),
-            )
-
-        if getattr(self, "_nested_xla", False):
-            compute = tf.function(compute, jit_compile=True, autograph=False)
+        clip_sum = self._clip_sum_function(variables)
         chunk = getattr(self, "_chunk", None)
         rows = tf.nest.flatten(x)[0].shape[0]
         if sample_weight is not None and chunk is not None and rows is not None and chunk < rows:
-            return self._chunked_step(compute, x, y, sample_weight, variables, chunk, rows)
-        grads, losses, y_pred = compute(x, y, sample_weight)
-        mask = example_mask(sample_weight)
-        self.optimizer.apply_private_gradients(grads, variables, mask)
-        self._track_loss(losses, mask)
+            return self._chunked_step(clip_sum, x, y, sample_weight, variables, chunk, rows)
+        summed, below, losses, y_pred = clip_sum(x, y, sample_weight)
+        self.optimizer.apply_clipped_sum(summed, below, variables)
+        self._track_loss(losses, example_mask(sample_weight))
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
-    def _chunked_step(self, compute, x, y, sample_weight, variables, chunk, rows):
+    def _chunked_step(self, clip_sum, x, y, sample_weight, variables, chunk, rows):
         """One step over the chunks of `chunk` rows that hold examples (weight > 0).
 
         Privacy: the chunks' clipped sums add up to exactly the clipped sum of the batch (each
@@ -236,10 +284,8 @@ class DPModel(keras.Model):
 
         def body(i, sums, below):
             xs, ys, ws = rows_of(x, i), rows_of(y, i), rows_of(sample_weight, i)
-            grads, losses, y_pred = compute(xs, ys, ws)
-            m = example_mask(ws)
-            part, part_below, _ = self.optimizer.clipped_sum(grads, variables, m)
-            self._track_loss(losses, m)
+            part, part_below, losses, y_pred = clip_sum(xs, ys, ws)
+            self._track_loss(losses, example_mask(ws))
             self._update_metrics(ys, y_pred, ws)
             sums = [a + tf.cast(p, tf.float32) for a, p in zip(sums, part)]
             return i + 1, sums, below + part_below
@@ -327,7 +373,7 @@ class DPModel(keras.Model):
         self.optimizer.begin_run(q, expected, steps_per_epoch // k * (epochs - kwargs.get("initial_epoch", 0)), n)
         if getattr(self, "physical_batch_size", None) == "auto":
             replicas = self.distribute_strategy.num_replicas_in_sync
-            chunk = chunk_size_for(expected / (k * replicas), self.selection.num_trainable)
+            chunk = chunk_size_for(expected / (k * replicas), self._per_example_params())
             if chunk != self._chunk:
                 self._chunk = chunk
                 self.train_function = None  # retrace with the new chunk size

@@ -322,12 +322,35 @@ class DPOptimizer(keras.optimizers.Optimizer):
             per_example_grads = [tf.abs(g) for g in per_example_grads]
         clip = self._current_l2_norm_clip.value
         summed, norms = self._clip_and_sum(per_example_grads, clip, mask, self._group_index(trainable_variables))
-        below = tf.constant(0.0)
-        if self.target_unclipped_quantile is not None:
-            # Adaptive clipping's count query: Σ over real examples of 1[‖g‖ ≤ C] − ½.
-            real = tf.ones_like(norms) if mask is None else tf.cast(tf.reshape(mask, [-1]) > 0, tf.float32)
-            below = tf.reduce_sum(real * (tf.cast(norms <= clip, tf.float32) - 0.5))
-        return summed, below, norms
+        return summed, self._below(norms, clip, mask), norms
+
+    def clipped_sum_of(self, squared_norms, weighted_sums, trainable_variables, mask=None):
+        """`clipped_sum` from each variable's per-example squared norms (book-keeping).
+
+        `squared_norms[j]`: `[batch]` squared norms of variable j's per-example gradients;
+        `weighted_sums[j](weights, keep)`: Σ_i weights_i · g_ij over the rows with `keep`.
+        The clip factors, padding and non-finite handling and clipping styles are those of
+        `clipped_sum` (the same `queries.clip_weights`), so both give the same sums.
+        """
+        if not self.built:
+            self.build(trainable_variables)
+        if self.gradient_masks is not None or self.absolute_gradients:
+            raise ValueError("Masked or absolute per-example gradients (SPARTA) need the vectorized per-example path.")
+        clip = self._current_l2_norm_clip.value
+        factors, index, norms, finite = queries.clip_weights(
+            squared_norms, clip, self.clipping, mask, self._group_index(trainable_variables)
+        )
+        summed = [
+            tf.cast(fn(factors[:, k], finite), v.dtype) for fn, k, v in zip(weighted_sums, index, trainable_variables)
+        ]
+        return summed, self._below(norms, clip, mask), norms
+
+    def _below(self, norms, clip, mask):
+        if self.target_unclipped_quantile is None:
+            return tf.constant(0.0)
+        # Adaptive clipping's count query: Σ over real examples of 1[‖g‖ ≤ C] − ½.
+        real = tf.ones_like(norms) if mask is None else tf.cast(tf.reshape(mask, [-1]) > 0, tf.float32)
+        return tf.reduce_sum(real * (tf.cast(norms <= clip, tf.float32) - 0.5))
 
     def apply_clipped_sum(self, summed, below, trainable_variables):
         """Noise a batch's clipped sum once and step (or accumulate a micro-batch's)."""

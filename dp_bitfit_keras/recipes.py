@@ -1,8 +1,8 @@
 """One training run of a named method: what the example binaries and the utility sweep share.
 
 Methods (same model, data and seed; only what is trained and whether it is private differ):
-`full`, `bitfit`, `bitfit_head` (non-private Keras `fit`), `dp_bitfit`, `dp_bitfit_head`,
-`dp_full` (DPModel). A new task's classifier head starts random, and bias-only training cannot
+`full`, `bitfit`, `bitfit_head`, `lora` (non-private Keras `fit`), `dp_bitfit`, `dp_bitfit_head`,
+`dp_full`, `dp_lora` (DPModel). A new task's classifier head starts random, and bias-only training cannot
 rotate it: compare `dp_bitfit_head` with `bitfit_head`.
 """
 
@@ -24,7 +24,7 @@ from dp_bitfit_keras.methods.sparta import sparta_fit
 from dp_bitfit_keras.methods.two_phase import two_phase_fit
 from dp_bitfit_keras.model import DPModel
 from dp_bitfit_keras.optimizer import DPOptimizer
-from dp_bitfit_keras.selection import apply_selection, select_variables
+from dp_bitfit_keras.selection import apply_selection, enable_lora, select_variables
 
 METHODS = {
     # name: (variables, private)
@@ -34,6 +34,10 @@ METHODS = {
     "dp_bitfit": ("bias", True),
     "dp_bitfit_head": ("bias+head", True),
     "dp_full": ("all", True),
+    # LoRA through Keras' own enable_lora (rank LORA_RANK; keras-hub: attention query/value)
+    # plus the head; the private one gets its per-example norms by book-keeping.
+    "lora": ("lora+head", False),
+    "dp_lora": ("lora+head", True),
     # Other private methods on the same engine (dp_bitfit_keras.methods):
     "dpzero": ("all", True),  # zeroth order: two forward passes, no backward
     "sparta": ("sparse", True),  # SPARTA as published: private row selection, then DP-SGD on 20% of the kernel entries
@@ -49,7 +53,8 @@ SPECIAL_LEARNING_RATES = {
 DPZERO_CLIP = 200.0  # the paper's C for the per-example scalar
 # Adam learning rates for each kind of run: ~5e-3 for bias-only as in the DP-BiTFiT paper;
 # 1e-2 for bias+head, better on the offline text task's validation split (0.788 vs 0.757).
-DEFAULT_LEARNING_RATES = {"all": 5e-5, "bias": 5e-3, "bias+head": 1e-2}
+DEFAULT_LEARNING_RATES = {"all": 5e-5, "bias": 5e-3, "bias+head": 1e-2, "lora+head": 2e-3}
+LORA_RANK = 8
 DP_FULL_LEARNING_RATE = 5e-4
 
 
@@ -165,6 +170,8 @@ def train(
     lr = learning_rate or default_learning_rate(method)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     base = build_model()
+    if trainable.startswith("lora"):
+        enable_lora(base, LORA_RANK)
     timer = StepTimer(group=k)
     fit_kwargs = dict(batch_size=batch_size, epochs=epochs, validation_data=validation_data, verbose=verbose)
     if method in ("sparta", "sparta_signed", "two_phase"):

@@ -15,7 +15,7 @@ import keras
 
 TrainableSpec = Union[str, Callable[[keras.Variable], bool]]
 
-MODES = ("bias", "bias+head", "all")
+MODES = ("bias", "bias+head", "all", "lora", "lora+head")
 
 # Layers whose `bias` attribute is the additive term of an affine map. Subclasses (keras-hub's
 # CachedMultiHeadAttention projections, ReversibleEmbedding, ...) are covered by isinstance.
@@ -100,6 +100,45 @@ def bias_variables(model: keras.Layer) -> list:
     return found
 
 
+def lora_variables(model: keras.Layer) -> list:
+    """The LoRA factors Keras adds with `layer.enable_lora(rank)` / keras-hub's
+    `backbone.enable_lora(rank)` (`lora_kernel_a/_b`, `lora_embeddings_a/_b`)."""
+    found = []
+    for layer in _layers(model):
+        if getattr(layer, "lora_enabled", False):
+            found += [v for v in layer._trainable_variables if v.name.startswith("lora_")]
+    return found
+
+
+def enable_lora(model: keras.Layer, rank: int = 8) -> list:
+    """Turns on Keras' own LoRA (`enable_lora(rank)`) where it usually goes; returns the layers.
+
+    A keras-hub task model (or backbone): `backbone.enable_lora(rank)`, i.e. the attention
+    query and value projections, the rest of the backbone frozen. Any other model: every
+    `Dense`/`EinsumDense`/convolution with a kernel except the head (the last such layer),
+    which `trainable="lora+head"` trains whole. Then select with `trainable="lora"` or
+    `"lora+head"`.
+    """
+    if not (isinstance(rank, int) and rank >= 1):
+        raise ValueError(f"rank must be an int >= 1; got {rank!r}.")
+    backbone = model if hasattr(model, "default_lora_layer_names") else getattr(model, "backbone", None)
+    if backbone is not None and hasattr(backbone, "enable_lora"):
+        backbone.enable_lora(rank)
+        return [layer for layer in _layers(backbone) if getattr(layer, "lora_enabled", False)]
+    head = head_layer(model)
+    enabled = []
+    for layer in _layers(model):
+        if layer is head or not hasattr(layer, "enable_lora") or isinstance(layer, keras.layers.Embedding):
+            continue
+        if isinstance(getattr(layer, "kernel", None), keras.Variable) or getattr(layer, "_kernel", None) is not None:
+            if layer.trainable and not getattr(layer, "lora_enabled", False):
+                layer.enable_lora(rank)
+                enabled.append(layer)
+    if not enabled:
+        raise ValueError(f"Model '{model.name}' has no layer to enable LoRA on (besides its head).")
+    return enabled
+
+
 def head_layer(model: keras.Layer):
     """The last layer (depth-first, in model order) that owns a `kernel`: the classifier head."""
     head = None
@@ -135,8 +174,10 @@ def select_variables(model: keras.Layer, trainable: TrainableSpec = "bias") -> S
     Args:
         model: a built Keras model.
         trainable: `"bias"` (DP-BiTFiT), `"bias+head"` (biases plus every variable of the head,
-            the last layer with a kernel), `"all"` (full fine-tuning), or a callable
-            `variable -> bool` applied to each currently trainable variable.
+            the last layer with a kernel), `"all"` (full fine-tuning), `"lora"` (the LoRA
+            factors of the layers where `enable_lora(rank)` was called), `"lora+head"` (those
+            and the head), or a callable `variable -> bool` applied to each currently
+            trainable variable.
 
     Returns:
         A `Selection`.
@@ -162,8 +203,17 @@ def select_variables(model: keras.Layer, trainable: TrainableSpec = "bias") -> S
         if trainable == "all":
             chosen = candidates
         else:
-            wanted = {id(v) for v in bias_variables(model)}
-            if trainable == "bias+head":
+            if trainable.startswith("lora"):
+                wanted = {id(v) for v in lora_variables(model)}
+                if not wanted:
+                    raise ValueError(
+                        f"trainable={trainable!r}: model '{model.name}' has no LoRA factors. Enable "
+                        "LoRA first: `backbone.enable_lora(rank)` (keras-hub) or "
+                        "`layer.enable_lora(rank)` on Dense/EinsumDense/Embedding layers."
+                    )
+            else:
+                wanted = {id(v) for v in bias_variables(model)}
+            if trainable.endswith("+head"):
                 head_layer_ = head_layer(model)
                 if head_layer_ is not None:
                     head = head_layer_.name

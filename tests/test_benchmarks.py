@@ -24,7 +24,7 @@ def test_train_step_benchmark_writes_json_table_and_plot(tmp_path):
     _run("--shape=tiny", "--repeats=1", "--warmup=1", f"--out={out}")
     report = json.loads(out.read_text())
     assert set(report) == {"shape", "device", "results", "ratios"}
-    assert [r["mode"] for r in report["results"]] == ["full", "bitfit", "dp_bitfit", "dp_bitfit_head", "dp_full"]
+    assert [r["mode"] for r in report["results"]] == ["full", "bitfit", "dp_bitfit", "dp_bitfit_head", "dp_full", "lora", "dp_lora"]
     by = {}
     for r in report["results"]:
         assert set(r) == RESULT_KEYS
@@ -34,21 +34,27 @@ def test_train_step_benchmark_writes_json_table_and_plot(tmp_path):
     # Trainable counts and XLA memory are exact, not timings: check what they must be.
     assert by["dp_bitfit"]["trainable_params"] == by["bitfit"]["trainable_params"] < by["dp_bitfit_head"]["trainable_params"]
     assert by["dp_full"]["trainable_params"] == by["full"]["trainable_params"]
+    assert by["dp_lora"]["trainable_params"] == by["lora"]["trainable_params"] < by["dp_bitfit_head"]["trainable_params"] + 2_000
     assert by["dp_full"]["peak_mem_mb"] > by["full"]["peak_mem_mb"] > by["bitfit"]["peak_mem_mb"]
-    assert (tmp_path / "tiny.md").read_text().count("| dp_") == 3
+    assert (tmp_path / "tiny.md").read_text().count("| dp_") == 4
     assert (tmp_path / "tiny.png").stat().st_size > 10_000
 
 
 def test_batch_sweep_finds_a_batch_under_the_cap(tmp_path):
     out = tmp_path / "batch.json"
-    _run("--shape=tiny", "--sweep=batch", "--modes=bitfit,dp_full", "--memory_cap_mb=64", f"--out={out}")
+    _run("--shape=tiny", "--sweep=batch", "--modes=bitfit,dp_full,dp_full_vectorized", "--memory_cap_mb=96", f"--out={out}")
     sweep = json.loads(out.read_text())
     by = {r["mode"]: r for r in sweep["results"]}
     for r in by.values():
-        assert r["mem_at_largest_mb"] <= 64
+        assert r["mem_at_largest_mb"] <= 96
+    for mode in ("bitfit", "dp_full_vectorized"):
         # One more example per step would pass the cap (affine model, within one example).
-        assert r["mem_at_largest_mb"] + 2 * r["mb_per_example"] > 64
+        assert by[mode]["mem_at_largest_mb"] + 2 * by[mode]["mb_per_example"] > 96
     assert by["bitfit"]["largest_batch"] > by["dp_full"]["largest_batch"]
+    # Book-keeping forms no per-example weight gradient: its memory per example is a fraction of
+    # vectorized_map's (which holds [batch, 30522, 32] for the token embedding alone).
+    assert by["dp_full"]["mb_per_example"] < 0.25 * by["dp_full_vectorized"]["mb_per_example"]
+    assert by["dp_full"]["largest_batch"] > 4 * by["dp_full_vectorized"]["largest_batch"]
 
 
 LEGACY = ["tf_keras_full", "tf_keras_bitfit", "tfp_legacy_full", "tfp_legacy_bitfit"]

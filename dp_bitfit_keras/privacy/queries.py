@@ -52,13 +52,17 @@ class SeededGaussianSumQuery(GaussianSumQuery):
         return tf.nest.pack_sequence_as(sample_state, noised), global_state, event
 
 
-def per_example_norms(per_example_grads):
-    """Global L2 norm of each example's gradient over all variables: `[batch]`, in float32."""
-    squares = [
+def _squared_norms(per_example_grads):
+    """Each variable's per-example squared L2 norm: a list of `[batch]` float32 tensors."""
+    return [
         tf.reduce_sum(tf.reshape(tf.square(tf.cast(g, tf.float32)), [tf.shape(g)[0], -1]), axis=1)
         for g in per_example_grads
     ]
-    return tf.sqrt(tf.add_n(squares))
+
+
+def per_example_norms(per_example_grads):
+    """Global L2 norm of each example's gradient over all variables: `[batch]`, in float32."""
+    return tf.sqrt(tf.add_n(_squared_norms(per_example_grads)))
 
 
 def clip_factors(norms, l2_norm_clip, clipping="abadi"):
@@ -78,12 +82,39 @@ def group_norms(per_example_grads, groups, num_groups):
 
     `groups[j]` is the group index of variable j.
     """
-    squares = [
-        tf.reduce_sum(tf.reshape(tf.square(tf.cast(g, tf.float32)), [tf.shape(g)[0], -1]), axis=1)
-        for g in per_example_grads
-    ]
-    per_group = [tf.add_n([sq for sq, k in zip(squares, groups) if k == group]) for group in range(num_groups)]
+    return _group_norms_of(_squared_norms(per_example_grads), groups, num_groups)
+
+
+def _group_norms_of(squared, groups, num_groups):
+    per_group = [tf.add_n([sq for sq, k in zip(squared, groups) if k == group]) for group in range(num_groups)]
     return tf.sqrt(tf.stack(per_group, axis=1))
+
+
+def clip_weights(squared_norms, l2_norm_clip, clipping="abadi", mask=None, groups=None):
+    """Every example's clip factor, from each variable's per-example squared norms.
+
+    Returns `(factors [batch, G], index, norms [batch], finite [batch])`: variable j's clipped
+    sum is Σ_i factors[i, index[j]] · g_ij over the examples with `finite`; `norms` are the
+    global norms before clipping. Factors are 0 for masked rows (padding) and for examples
+    whose norm is not finite (see `clipped_sum`). `groups`: as in `clipped_sum`.
+    """
+    if groups is None:
+        norms = tf.sqrt(tf.add_n(list(squared_norms)))
+        factors = clip_factors(norms, l2_norm_clip, clipping)[:, None]
+        index = [0] * len(squared_norms)
+    else:
+        num_groups = max(groups) + 1
+        by_group = _group_norms_of(squared_norms, groups, num_groups)
+        norms = tf.sqrt(tf.reduce_sum(tf.square(by_group), axis=1))
+        factors = clip_factors(by_group, l2_norm_clip / tf.sqrt(float(num_groups)), clipping)
+        index = list(groups)
+    if mask is not None:
+        factors = factors * tf.cast(tf.reshape(mask, [-1, 1]), factors.dtype)
+    # A non-finite entry makes the example's norm inf or NaN (so does a finite gradient whose
+    # squares overflow: dropping it is as private as clipping it).
+    finite = tf.math.is_finite(norms)
+    factors = tf.where(finite[:, None], factors, 0.0)
+    return factors, index, norms, finite
 
 
 def clipped_sum(per_example_grads, l2_norm_clip, clipping="abadi", mask=None, groups=None):
@@ -101,22 +132,7 @@ def clipped_sum(per_example_grads, l2_norm_clip, clipping="abadi", mask=None, gr
     current weights, which are public to the step), so adding or removing one example still
     changes the sum by at most its clipped contribution, ≤ C: the sensitivity is unchanged.
     """
-    if groups is None:
-        norms = per_example_norms(per_example_grads)
-        factors = clip_factors(norms, l2_norm_clip, clipping)[:, None]
-        index = [0] * len(per_example_grads)
-    else:
-        num_groups = max(groups) + 1
-        by_group = group_norms(per_example_grads, groups, num_groups)
-        norms = tf.sqrt(tf.reduce_sum(tf.square(by_group), axis=1))
-        factors = clip_factors(by_group, l2_norm_clip / tf.sqrt(float(num_groups)), clipping)
-        index = list(groups)
-    if mask is not None:
-        factors = factors * tf.cast(tf.reshape(mask, [-1, 1]), factors.dtype)
-    # A non-finite entry makes the example's norm inf or NaN (so does a finite gradient whose
-    # squares overflow: dropping it is as private as clipping it).
-    finite = tf.math.is_finite(norms)
-    factors = tf.where(finite[:, None], factors, 0.0)
+    factors, index, norms, finite = clip_weights(_squared_norms(per_example_grads), l2_norm_clip, clipping, mask, groups)
     per_example_grads = [
         tf.where(tf.reshape(finite, [-1] + [1] * (len(g.shape) - 1)), g, tf.zeros_like(g)) for g in per_example_grads
     ]

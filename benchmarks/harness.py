@@ -63,6 +63,7 @@ RATIOS = [
     ("dp_full", "full"),
     ("dp_full_vectorized", "full"),  # DP full by per-example gradients (vectorized_map), before book-keeping
     ("dp_full", "dp_full_vectorized"),
+    ("dp_full_nonoise", "full"),  # clipping alone (no noise drawn; not private)
     ("dp_lora", "lora"),
     ("dp_lora", "dp_bitfit"),
     ("dp_bitfit_head", "dp_bitfit"),
@@ -174,11 +175,28 @@ def _build_sparta(shape, mode, density=0.2):
     return model
 
 
+class _NoNoiseQuery(dpk.privacy.queries.SeededGaussianSumQuery):
+    """Benchmark only, NOT private: releases the clipped sum without drawing noise, to separate
+    what clipping costs from what drawing one Gaussian per trained parameter costs."""
+
+    def get_noised_result(self, sample_state, global_state):
+        import dp_accounting
+
+        return sample_state, global_state, dp_accounting.GaussianDpEvent(0.0)
+
+
+def _build_no_noise(shape, mode):
+    model = _build_standard(shape, mode[: -len("_nonoise")])
+    model.optimizer._query = _NoNoiseQuery(1.0, 0.0)
+    return model
+
+
 # mode -> builder(shape, mode) returning a compiled model whose train_on_batch / train_step is
 # one step of that mode. Other method families add theirs here.
 MODE_BUILDERS = {mode: _build_standard for mode in MODES}
 MODE_BUILDERS.update({f"{mode}_philox": _build_standard for mode in ("dp_bitfit", "dp_full")})
 MODE_BUILDERS.update({f"{mode}_vectorized": _build_standard for mode in ("dp_full", "dp_lora", "dp_bitfit_head")})
+MODE_BUILDERS.update({f"{mode}_nonoise": _build_no_noise for mode in ("dp_full", "dp_lora")})
 MODE_BUILDERS["dpzero"] = _build_dpzero
 MODE_BUILDERS["sparta"] = _build_sparta
 

@@ -113,7 +113,7 @@ def lora_variables(model: keras.Layer) -> list:
 def enable_lora(model: keras.Layer, rank: int = 8) -> list:
     """Turns on Keras' own LoRA (`enable_lora(rank)`) where it usually goes; returns the layers.
 
-    A keras-hub task model (or backbone): `backbone.enable_lora(rank)`, i.e. the attention
+    A model holding a keras-hub backbone: `backbone.enable_lora(rank)`, i.e. the attention
     query and value projections, the rest of the backbone frozen. Any other model: every
     `Dense`/`EinsumDense`/convolution with a kernel except the head (the last such layer),
     which `trainable="lora+head"` trains whole. Then select with `trainable="lora"` or
@@ -121,7 +121,8 @@ def enable_lora(model: keras.Layer, rank: int = 8) -> list:
     """
     if not (isinstance(rank, int) and rank >= 1):
         raise ValueError(f"rank must be an int >= 1; got {rank!r}.")
-    backbone = model if hasattr(model, "default_lora_layer_names") else getattr(model, "backbone", None)
+    # A keras-hub backbone: the model itself, its `.backbone`, or a layer inside a wrapper model.
+    backbone = next((layer for layer in _layers(model) if hasattr(layer, "default_lora_layer_names")), None)
     if backbone is not None and hasattr(backbone, "enable_lora"):
         backbone.enable_lora(rank)
         return [layer for layer in _layers(backbone) if getattr(layer, "lora_enabled", False)]

@@ -75,3 +75,16 @@ def test_uniform_is_in_the_open_unit_interval():
     u = prng.uniform(prng.new_key(), [100_000], 0, prng.POISSON_SAMPLE).numpy()
     assert u.dtype == np.float64 and u.min() > 0 and u.max() < 1
     assert stats.kstest(u, "uniform").pvalue > 1e-4
+
+
+def test_large_draws_are_chunked_with_the_same_values(monkeypatch):
+    """Drawing NORMAL_CHUNK values at a time (bounded memory) gives exactly the values of one draw."""
+    key = prng.new_key()
+
+    def draw(size):
+        return tf.function(lambda: prng.normal(key, [size], 7, prng.NOISE, stddev=1.5), jit_compile=True)().numpy()
+
+    whole = {size: draw(size) for size in (4096, 4097, 20_001)}
+    monkeypatch.setattr(prng, "NORMAL_CHUNK", 4096)
+    for size, expected in whole.items():
+        np.testing.assert_array_equal(draw(size), expected)

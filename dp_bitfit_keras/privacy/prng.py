@@ -183,12 +183,47 @@ def normal(key, shape, step, stream, stddev=1.0, dtype=tf.float32, generator="ch
         return tf.random.stateless_normal(shape, seed=seed, stddev=tf.cast(stddev, dtype), dtype=dtype)
     if generator != "chacha20":
         raise ValueError(f"generator must be one of {GENERATORS}; got {generator!r}.")
-    u = tf.reshape(_unit_interval(random_words(key, 4 * size, step, stream)), [2, 2, max(size, 0)])
-    radius = tf.sqrt(-2.0 * tf.math.log(u[:, 0]))  # [2, size]
+    if size <= NORMAL_CHUNK:
+        u = tf.reshape(_unit_interval(random_words(key, 4 * size, step, stream)), [2, 2, max(size, 0)])
+        return tf.reshape(_four_gaussians(u, stddev, dtype), shape)
+    # Large outputs (full fine-tuning's noise: one value per parameter) are drawn NORMAL_CHUNK
+    # values at a time, so the 4 words and the float64 Box-Muller temporaries of each value
+    # (~48 bytes) are live for one chunk only. Value i still takes words i, size + i,
+    # 2·size + i and 3·size + i of the stream: the same numbers as drawing all at once.
+    nonce = _nonce(step, stream)
+    chunks = -(-size // NORMAL_CHUNK)
+
+    def body(j, out):
+        start = tf.cast(j, tf.int64) * NORMAL_CHUNK
+        words = [_words_at(key, nonce, k * size + start, NORMAL_CHUNK) for k in range(4)]
+        u = tf.reshape(_unit_interval(tf.stack(words)), [2, 2, NORMAL_CHUNK])
+        return j + 1, out.write(j, _four_gaussians(u, stddev, dtype))
+
+    _, out = tf.while_loop(
+        lambda j, _: j < chunks, body, (tf.constant(0), tf.TensorArray(dtype, size=chunks, element_shape=[NORMAL_CHUNK])),
+        maximum_iterations=chunks,
+    )
+    return tf.reshape(out.concat()[:size], shape)
+
+
+# Values per chunk when drawing many Gaussians (see `normal`).
+NORMAL_CHUNK = 1 << 20
+
+
+def _four_gaussians(u, stddev, dtype):
+    """From uniforms `[2, 2, n]`: n samples of N(0, stddev²), each the sum of 4 Box-Muller normals."""
+    radius = tf.sqrt(-2.0 * tf.math.log(u[:, 0]))  # [2, n]
     angle = (2.0 * math.pi) * u[:, 1]
     total = tf.reduce_sum(radius * tf.cos(angle) + radius * tf.sin(angle), axis=0)  # 4 N(0,1)
-    sample = total * (0.5 * tf.cast(stddev, tf.float64))
-    return tf.reshape(tf.cast(sample, dtype), shape)
+    return tf.cast(total * (0.5 * tf.cast(stddev, tf.float64)), dtype)
+
+
+def _words_at(key, nonce, start, count: int):
+    """`count` words of the stream from position `start` (a tensor): the blocks covering them."""
+    blocks = count // 16 + 1
+    first = start // 16
+    words = tf.reshape(chacha20_blocks(key, nonce, first + tf.range(blocks, dtype=tf.int64)), [-1])
+    return tf.slice(words, [start % 16], [count])
 
 
 def normal_list(key, shapes, step, stream, stddev=1.0, dtypes=tf.float32, generator="chacha20"):

@@ -170,17 +170,20 @@ def _recording(model, selected_ids):
         roles = _layer_variables(layer)
         if not any(v is not None and id(v) in selected_ids for v in roles.values()):
             continue
+        patched.append((layer, layer.__dict__.get("call")))
         layer.call = _recording_call(layer, uses)
-        patched.append(layer)
     try:
         yield uses
     finally:
-        for layer in patched:
-            del layer.call
+        for layer, own in patched:
+            if own is None:
+                del layer.call
+            else:
+                layer.call = own
 
 
 def _recording_call(layer, uses):
-    original = type(layer).call.__get__(layer)
+    original = layer.__dict__.get("call") or type(layer).call.__get__(layer)
 
     if isinstance(layer, _einsum_layers()):
         def call(inputs, *args, **kwargs):

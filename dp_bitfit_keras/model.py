@@ -63,7 +63,9 @@ class DPModel(keras.Model):
     """Differentially private fine-tuning of a Keras model (DP-BiTFiT by default).
 
     Marks only the selected variables trainable, and trains them with DP-SGD: per-example
-    gradients by `tf.vectorized_map`, clipped, summed and noised by the `DPOptimizer` it is
+    gradients by `tf.vectorized_map` (biases), or per-example norms and clipped sums by
+    book-keeping from layer inputs and output gradients (kernels, LoRA factors: see
+    `compile(gradient_method=...)`), clipped, summed and noised by the `DPOptimizer` it is
     compiled with, in one XLA-compiled step (`jit_compile=True`, also on CPU). Evaluation,
     prediction, `summary()` and `export()` are those of the wrapped model.
 
@@ -72,8 +74,9 @@ class DPModel(keras.Model):
 
     Args:
         model: a built Keras model (keras-hub task models included).
-        trainable: `"bias"` (DP-BiTFiT), `"bias+head"`, `"all"` (DP full fine-tuning), or a
-            callable `variable -> bool`.
+        trainable: `"bias"` (DP-BiTFiT), `"bias+head"`, `"all"` (DP full fine-tuning),
+            `"lora"` / `"lora+head"` (Keras LoRA factors: `dpk.enable_lora(model, rank)`
+            first), or a callable `variable -> bool`.
 
     Example:
         >>> base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.Dense(2)])

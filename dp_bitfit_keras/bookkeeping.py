@@ -96,9 +96,29 @@ def _plain(layer) -> bool:
     return getattr(layer, "quantization_mode", None) is None
 
 
+def _own_call(layer, *bases) -> bool:
+    """Whether `layer` runs the forward pass of one of `bases` (a subclass may override `call`
+    with other maths, which the recorded gradient formulas would not match)."""
+    calls = {base.call for base in bases}
+    for klass in type(layer).__mro__:
+        if "call" in vars(klass):
+            return vars(klass)["call"] in calls
+    return False
+
+
+def _embedding_bases():
+    bases = [keras.layers.Embedding, keras.layers.ReversibleEmbedding]
+    try:
+        from keras_hub.layers import ReversibleEmbedding
+        bases.append(ReversibleEmbedding)
+    except Exception:
+        pass
+    return bases
+
+
 def _layer_variables(layer) -> dict:
     """The variables book-keeping can compute for `layer`, by role (None if not covered)."""
-    if isinstance(layer, _einsum_layers()) and _plain(layer):
+    if isinstance(layer, _einsum_layers()) and _plain(layer) and _own_call(layer, *_einsum_layers()):
         out = {"kernel": layer._kernel, "bias": layer.bias}
         if getattr(layer, "lora_enabled", False):
             out["lora_a"], out["lora_b"] = layer.lora_kernel_a, layer.lora_kernel_b
@@ -110,11 +130,13 @@ def _layer_variables(layer) -> dict:
         # looked up with ids arange(P) of shape [1, P] (no batch axis): both per-example
         # gradients are slices of the layer's output gradient.
         return {"class_token": getattr(layer, "class_token", None), "positions": layer.position_embedding._embeddings}
-    if isinstance(layer, keras.layers.Embedding) and _plain(layer) and not getattr(layer, "lora_enabled", False):
+    if (isinstance(layer, keras.layers.Embedding) and _plain(layer) and not getattr(layer, "lora_enabled", False)
+            and _own_call(layer, *_embedding_bases())):
         return {"embeddings": layer._embeddings}
     if isinstance(layer, _position_embedding_type()):
         return {"embeddings": layer.position_embeddings}
-    if isinstance(layer, keras.layers.LayerNormalization) and not getattr(layer, "rms_scaling", False):
+    if (isinstance(layer, keras.layers.LayerNormalization) and not getattr(layer, "rms_scaling", False)
+            and _own_call(layer, keras.layers.LayerNormalization)):
         return {"gamma": getattr(layer, "gamma", None), "beta": getattr(layer, "beta", None)}
     return {}
 

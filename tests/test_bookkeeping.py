@@ -247,3 +247,20 @@ def test_lora_without_enable_lora_is_a_clear_error():
     base, _, _ = tiny_bert()
     with pytest.raises(ValueError, match="enable_lora"):
         dpk.DPModel(base, trainable="lora")
+
+
+class _DoubledDense(keras.layers.Dense):
+    """A subclass with its own forward maths: book-keeping must not assume Dense's."""
+
+    def call(self, inputs):
+        return super().call(inputs) * 2.0
+
+
+def test_a_subclass_with_its_own_call_falls_back_and_stays_exact():
+    inputs = keras.Input((4, 3))
+    hidden = _DoubledDense(5, name="doubled")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(hidden)))
+    variables = list(model.trainable_variables)
+    assert [v.path for v in bookkeeping.covered_variables(model, variables)[1]] == ["doubled/kernel", "doubled/bias"]
+    actual, expected, _ = _both(model, tf.random.normal((BATCH, 4, 3)), tf.constant([0, 1, 2, 1]), variables, clip=0.1)
+    assert_gradients_close(actual, expected)

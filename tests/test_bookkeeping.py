@@ -97,8 +97,7 @@ def test_embedding_with_a_token_repeated_within_an_example():
     assert_gradients_close(actual, expected)
 
 
-@pytest.mark.parametrize("mode", ["all", "bias+head"])
-@pytest.mark.parametrize("style", ["all_layer", "layer_wise"])
+@pytest.mark.parametrize("mode,style", [("all", "all_layer"), ("bias+head", "layer_wise")])
 def test_exact_for_keras_hub_bert_with_padding(mode, style):
     model, x, y = tiny_bert(batch=6)
     x["token_ids"] = tf.tensor_scatter_nd_update(x["token_ids"], [[0, 1], [0, 2]], [5, 5])  # a repeated token

@@ -45,6 +45,7 @@ import keras
 import tensorflow as tf
 
 from dp_bitfit_keras import gradients
+from dp_bitfit_keras.privacy import queries
 
 __all__ = ["BookkeepingFallbackWarning", "covered_variables", "clipped_sums", "last_fallbacks"]
 
@@ -346,14 +347,9 @@ def _einsum_terms(equation, x, g):
     squared = _matrix_squared_norms(a_mat, g_mat)
 
     def weighted_sum(weights, keep):
-        return tf.einsum(f"{ins},{out}->{ker}", _rows(x, keep), _rows(g, keep) * _expand(weights, g))
+        return tf.einsum(f"{ins},{out}->{ker}", queries.kept_rows(x, keep), queries.kept_rows(g, keep) * _expand(weights, g))
 
     return squared, weighted_sum
-
-
-def _rows(t, keep):
-    """`t` with the rows of the examples not kept (non-finite) set to 0 (0·NaN would be NaN)."""
-    return tf.where(tf.reshape(keep, [-1] + [1] * (len(t.shape) - 1)), t, tf.zeros_like(t))
 
 
 def _expand(weights, like):
@@ -373,10 +369,10 @@ def _reduce_to(g, shape):
 
 
 def _direct_terms(per_example):
-    squared = tf.reduce_sum(tf.reshape(tf.square(per_example), [tf.shape(per_example)[0], -1]), axis=1)
+    squared = queries._squared_norms([per_example])[0]
 
     def weighted_sum(weights, keep):
-        return tf.tensordot(weights, _rows(per_example, keep), axes=[[0], [0]])
+        return tf.tensordot(weights, queries.kept_rows(per_example, keep), axes=[[0], [0]])
 
     return squared, weighted_sum
 
@@ -429,7 +425,7 @@ def _terms_of_use(use, g, selected_ids):
         squared = tf.reduce_sum(same * tf.einsum("btd,bsd->bts", g, g), [1, 2])
 
         def weighted_sum(weights, keep, g=g, ids=ids, rows=v.shape[0]):
-            rows_g = tf.reshape(_rows(g, keep) * _expand(weights, g), [-1, g.shape[-1]])
+            rows_g = tf.reshape(queries.kept_rows(g, keep) * _expand(weights, g), [-1, g.shape[-1]])
             return tf.math.unsorted_segment_sum(rows_g, tf.reshape(ids, [-1]), rows)
 
         return [(v, squared, weighted_sum)]
@@ -441,7 +437,7 @@ def _terms_of_use(use, g, selected_ids):
         squared = tf.reduce_sum(tf.square(per_example), [1, 2])
 
         def weighted_sum(weights, keep, p=per_example, start=use.start, rows=v.shape[0]):
-            part = tf.tensordot(weights, _rows(p, keep), axes=[[0], [0]])
+            part = tf.tensordot(weights, queries.kept_rows(p, keep), axes=[[0], [0]])
             return tf.pad(part, [[start, rows - start - length], [0, 0]])
 
         return [(v, squared, weighted_sum)]

@@ -117,6 +117,11 @@ def clip_weights(squared_norms, l2_norm_clip, clipping="abadi", mask=None, group
     return factors, index, norms, finite
 
 
+def kept_rows(t, keep):
+    """`t` `[batch, ...]` with the rows of the examples not kept set to 0 (0·NaN would be NaN)."""
+    return tf.where(tf.reshape(keep, [-1] + [1] * (len(t.shape) - 1)), t, tf.zeros_like(t))
+
+
 def clipped_sum(per_example_grads, l2_norm_clip, clipping="abadi", mask=None, groups=None):
     """Σ_i mask_i · clip(g_i), per variable, and the per-example global norms before clipping.
 
@@ -133,9 +138,7 @@ def clipped_sum(per_example_grads, l2_norm_clip, clipping="abadi", mask=None, gr
     changes the sum by at most its clipped contribution, ≤ C: the sensitivity is unchanged.
     """
     factors, index, norms, finite = clip_weights(_squared_norms(per_example_grads), l2_norm_clip, clipping, mask, groups)
-    per_example_grads = [
-        tf.where(tf.reshape(finite, [-1] + [1] * (len(g.shape) - 1)), g, tf.zeros_like(g)) for g in per_example_grads
-    ]
+    per_example_grads = [kept_rows(g, finite) for g in per_example_grads]
     sums = [
         tf.cast(tf.tensordot(factors[:, k], tf.cast(g, tf.float32), axes=[[0], [0]]), g.dtype)
         for g, k in zip(per_example_grads, index)

@@ -161,7 +161,15 @@ def _patches(layer, x):
     patches = tf.image.extract_patches(
         x, sizes=[1, *sizes, 1], strides=[1, *strides, 1], rates=[1, *rates, 1], padding=layer.padding.upper()
     )
-    return tf.reshape(patches, [tf.shape(x)[0], -1, patches.shape[-1]])
+    return _flatten_positions(patches)
+
+
+def _flatten_positions(t):
+    """`[B, *positions, C]` -> `[B, P, C]`, P static whenever the positions are (the batch size
+    may be unknown: under a multi-replica strategy the step is traced per replica)."""
+    inner = t.shape[1:-1]
+    positions = _size(inner) if all(d is not None for d in inner) else -1
+    return tf.reshape(t, [tf.shape(t)[0], positions, t.shape[-1]])
 
 
 def _normalizes_last_axis(layer, rank):
@@ -342,8 +350,13 @@ def _einsum_terms(equation, x, g):
     b = ins[0]
     batch = tf.shape(x)[0]
     t_size = _size([x.shape[1 + ins[1:].index(ch)] for ch in t])
-    a_mat = tf.reshape(tf.einsum(f"{ins}->{b}{t}{c_}", x), [batch, t_size, -1])
-    g_mat = tf.reshape(tf.einsum(f"{out}->{b}{t}{e}", g), [batch, t_size, -1])
+    # Static sizes (the batch may be unknown under a multi-replica strategy).
+    c_dims = [x.shape[1 + ins[1:].index(ch)] for ch in c_]
+    e_dims = [g.shape[1 + out[1:].index(ch)] for ch in e]
+    c_size = _size(c_dims) if None not in c_dims else -1
+    e_size = _size(e_dims) if None not in e_dims else -1
+    a_mat = tf.reshape(tf.einsum(f"{ins}->{b}{t}{c_}", x), [batch, t_size, c_size])
+    g_mat = tf.reshape(tf.einsum(f"{out}->{b}{t}{e}", g), [batch, t_size, e_size])
     squared = _matrix_squared_norms(a_mat, g_mat)
 
     def weighted_sum(weights, keep):
@@ -405,7 +418,7 @@ def _terms_of_use(use, g, selected_ids):
     if use.kind == "conv":
         if (v := wanted("kernel")) is not None:
             patches = _patches(use.layer, tf.cast(use.inputs, tf.float32))
-            g_mat = tf.reshape(g, [tf.shape(g)[0], -1, g.shape[-1]])
+            g_mat = _flatten_positions(g)
             squared, weighted = _einsum_terms("btk,kf->btf", patches, g_mat)
             terms.append((v, squared, lambda w, keep, f=weighted, shape=v.shape: tf.reshape(f(w, keep), shape)))
         if (v := wanted("bias")) is not None:
@@ -419,8 +432,8 @@ def _terms_of_use(use, g, selected_ids):
         return terms
     if use.kind == "embedding":
         v = wanted("embeddings")
-        ids = tf.reshape(tf.cast(use.inputs, tf.int32), [tf.shape(g)[0], -1])
-        g = tf.reshape(g, [tf.shape(g)[0], -1, g.shape[-1]])
+        g = _flatten_positions(g)
+        ids = tf.reshape(tf.cast(use.inputs, tf.int32), [tf.shape(g)[0], g.shape[1] or -1])
         same = tf.cast(tf.equal(ids[:, :, None], ids[:, None, :]), tf.float32)
         squared = tf.reduce_sum(same * tf.einsum("btd,bsd->bts", g, g), [1, 2])
 
@@ -432,7 +445,8 @@ def _terms_of_use(use, g, selected_ids):
     if use.kind == "position":
         v = wanted("embeddings")
         length, width = g.shape[-2], g.shape[-1]
-        g = tf.reshape(g, [tf.shape(g)[0], -1, length, width])
+        inner = g.shape[1:-2]
+        g = tf.reshape(g, [tf.shape(g)[0], _size(inner) if all(d is not None for d in inner) else -1, length, width])
         per_example = tf.reduce_sum(g, axis=1)  # [B, T, D]: the rows start .. start+T
         squared = tf.reduce_sum(tf.square(per_example), [1, 2])
 

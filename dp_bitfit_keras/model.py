@@ -8,9 +8,9 @@ import warnings
 import keras
 import tensorflow as tf
 
-from dp_bitfit_keras import bookkeeping, gradients, selection
+from dp_bitfit_keras import bookkeeping, distribute, gradients, selection
 from dp_bitfit_keras.optimizer import DPOptimizer
-from dp_bitfit_keras.privacy import checks, sampling
+from dp_bitfit_keras.privacy import checks, prng, sampling
 
 _DEFAULT_BATCH_SIZE = 32
 # Fixed per-example loss scale under mixed_float16 (2^12: float16 keeps gradients down to
@@ -247,6 +247,19 @@ class DPModel(keras.Model):
         return clip_sum
 
     def train_step(self, data):
+        return self._reducible_logs(self._train_step(data))
+
+    def test_step(self, data):
+        return self._reducible_logs(super().test_step(data))
+
+    def _reducible_logs(self, logs):
+        if distribute.is_multi_worker(self.distribute_strategy):
+            # Keras reduces each replica's logs by a mean over axis 0 under a multi-worker
+            # strategy, which fails for scalars: hand it one-element vectors (monitoring only).
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
+
+    def _train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         variables = list(self.selection.variables)
         clip_sum = self._clip_sum_function(variables)
@@ -357,32 +370,113 @@ class DPModel(keras.Model):
         """
         if not isinstance(self.optimizer, DPOptimizer):
             raise ValueError("Compile the DPModel with a DPOptimizer before fit.")
-        dataset, q, expected, n = self._private_data(x, y, batch_size, sampling_rate, kwargs)
-        steps_per_epoch = kwargs.pop("steps_per_epoch", None) or int(dataset.cardinality())
-        if steps_per_epoch < 0:
-            raise ValueError("Pass steps_per_epoch for a dataset of unknown length.")
+        strategy = self.distribute_strategy
+        replicas = strategy.num_replicas_in_sync
         k = self.optimizer.accumulation_steps
+        if replicas > 1 and self.steps_per_execution != 1:
+            raise ValueError("Under a multi-replica strategy DPModel needs steps_per_execution=1 (the step budget is checked between steps).")
+        dataset, q, expected, n = self._private_data(x, y, batch_size, sampling_rate, kwargs)
         sampler = getattr(dataset, "dp_sampler", None)
+        if replicas > 1 and sampler is None and (k > 1 or distribute.is_multi_worker(strategy)):
+            raise ValueError(
+                "Under a multi-worker strategy, or with gradient accumulation under any multi-replica "
+                "strategy, DPModel.fit needs arrays or a dp_bitfit_keras.poisson_batches dataset: it must "
+                "split each global Poisson batch over the replicas itself (a dataset Keras shards per "
+                "worker, or one it cannot re-batch, would be another mechanism than the one accounted)."
+            )
         if sampler is not None and sampler.micro_batches != k:
             raise ValueError(
                 f"The dataset splits each Poisson batch into {sampler.micro_batches} micro-batches but "
                 f"the optimizer accumulates {k}: build it with poisson_batches(..., micro_batches={k})."
             )
-        if steps_per_epoch % k:
+        with strategy.scope():  # optimizer slots (e.g. Adam's) are per-replica variables
+            self.optimizer.build(list(self.selection.variables))
+        # Under several replicas the k micro-batches of a step arrive as one batch, processed in
+        # chunks inside the step (same clipped sum, one noise; the memory is bounded by the chunk).
+        fold = replicas > 1 and k > 1
+        self.optimizer._fold_accumulation = fold
+        if replicas > 1 and sampler is not None:
+            dataset = self._replicated_batches(dataset, sampler, fold, epochs, kwargs)
+            sampler = dataset.dp_sampler
+        micro = 1 if fold else k
+        steps_per_epoch = kwargs.pop("steps_per_epoch", None) or int(dataset.cardinality())
+        if steps_per_epoch < 0:
+            raise ValueError("Pass steps_per_epoch for a dataset of unknown length.")
+        if steps_per_epoch % micro:
             raise ValueError(f"steps_per_epoch ({steps_per_epoch}) must be a multiple of gradient_accumulation_steps ({k}).")
-        if self.distribute_strategy.num_replicas_in_sync > 1 and self.steps_per_execution != 1:
-            raise ValueError("Under a multi-replica strategy DPModel needs steps_per_execution=1 (the step budget is checked between steps).")
-        self.optimizer.build(list(self.selection.variables))
-        self.optimizer.begin_run(q, expected, steps_per_epoch // k * (epochs - kwargs.get("initial_epoch", 0)), n)
+        self.optimizer.begin_run(q, expected, steps_per_epoch // micro * (epochs - kwargs.get("initial_epoch", 0)), n)
+        chunk = self._chunk
         if getattr(self, "physical_batch_size", None) == "auto":
-            replicas = self.distribute_strategy.num_replicas_in_sync
             chunk = chunk_size_for(expected / (k * replicas), self._per_example_params())
-            if chunk != self._chunk:
-                self._chunk = chunk
-                self.train_function = None  # retrace with the new chunk size
+        if fold:  # at most a k-th of the replica's batch at once, as accumulation would
+            per_replica = sampler.max_batch_size // replicas
+            chunk = min(chunk or per_replica, -(-per_replica // k))
+        if chunk != self._chunk:
+            self._chunk = chunk
+            self.train_function = None  # retrace with the new chunk size
+        # Keras' fit reduces a distributed batch to learn the input shapes, which fails under a
+        # multi-worker strategy (keras-team/keras#20585) and would draw a Poisson batch that no
+        # step uses: DPModel builds from the dataset's element spec instead.
+        self._fit_element_spec = dataset.element_spec
         kwargs.setdefault("shuffle", False)  # Sampling is the dataset's job (Poisson).
         callbacks = list(kwargs.pop("callbacks", None) or []) + [_LedgerSync(sampler)]
         return super().fit(dataset, epochs=epochs, steps_per_epoch=steps_per_epoch, callbacks=callbacks, **kwargs)
+
+    def _replicated_batches(self, dataset, sampler, fold, epochs, kwargs):
+        """The Poisson stream to split over the replicas: every worker draws the same global batches.
+
+        Rebuilt from the sampler's examples with micro_batches=1 when accumulation is folded into
+        the step, and, on several workers, after checking that the workers agree on the run and
+        agreeing on secret keys (`dp_bitfit_keras.distribute`). Sharded by data: each global
+        batch is cut into one slice per replica, whichever worker holds it.
+        """
+        strategy = self.distribute_strategy
+        optimizer = self.optimizer
+        key = None
+        if distribute.is_multi_worker(strategy):
+            seed = optimizer.seed
+            facts = dict(
+                num_examples=sampler.num_examples, sampling_rate=sampler.sampling_rate,
+                max_batch_size=sampler.max_batch_size, steps_per_epoch=sampler.steps_per_epoch,
+                epochs=epochs, initial_epoch=kwargs.get("initial_epoch", 0), accumulation=optimizer.accumulation_steps,
+                noise_seed=-1 if seed is None else seed, sampling_seed=-1 if sampler.seed is None else sampler.seed,
+                noise_multiplier=-1 if optimizer.initial_noise_multiplier is None else optimizer.initial_noise_multiplier,
+                target_epsilon=-1 if optimizer.target_epsilon is None else optimizer.target_epsilon,
+                l2_norm_clip=optimizer.l2_norm_clip, dp_steps=optimizer.dp_steps,
+                batches_seen=int(optimizer._batches_seen.numpy()), weights=distribute.fingerprint(self.model.weights),
+            )
+            distribute.check_workers_agree(strategy, facts)
+            if sampler.seed is None:
+                key = prng.new_key()
+            if seed is None:
+                # The first replica's keys for everyone (see dp_bitfit_keras.distribute).
+                noise_key, *rest = distribute.broadcast_from_first_replica(
+                    strategy, [optimizer._noise_key.numpy()] + ([key] if key is not None else []))
+                optimizer._noise_key.assign(noise_key)
+                key = rest[0] if rest else None
+            elif key is not None:
+                (key,) = distribute.broadcast_from_first_replica(strategy, [key])
+        rebuilt = sampling._poisson_batches(
+            sampler.examples, sampler.sampling_rate, sampler.max_batch_size, steps_per_epoch=sampler.steps_per_epoch,
+            seed=sampler.seed, micro_batches=1 if fold else sampler.micro_batches, key=key,
+        )
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        out = rebuilt.with_options(options)
+        out.dp_sampler = rebuilt.dp_sampler
+        return out
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        spec = getattr(self, "_fit_element_spec", None)
+        if iterator is not None and data_batch is None and self._distribute_strategy is not None:
+            # See fit: shapes from the element spec; nothing is drawn from the dataset.
+            try:
+                spec = iterator.data_adapter.get_tf_dataset().element_spec
+            except Exception:  # noqa: BLE001 - fall back to fit's spec
+                pass
+            if spec is not None:
+                return super()._maybe_symbolic_build(data_batch=spec)
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def train_on_batch(self, *args, **kwargs):
         if self.distribute_strategy.num_replicas_in_sync > 1:
@@ -470,6 +564,13 @@ class _LedgerSync(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         optimizer = self.model.optimizer
+        strategy = self.model.distribute_strategy
+        if distribute.is_multi_worker(strategy):
+            # After any BackupAndRestore: every worker must continue from the same state.
+            distribute.check_workers_agree(strategy, dict(
+                dp_steps=optimizer.dp_steps, batches_seen=int(optimizer._batches_seen.numpy()),
+                noise_multiplier=optimizer.noise_multiplier, weights=distribute.fingerprint(self.model.weights),
+            ))
         seen = int(optimizer._batches_seen.numpy())
         # A run from an empty ledger ends exactly at its plan: only a restored (or continued)
         # ledger needs the per-step check, which reads the device each step.

@@ -358,15 +358,18 @@ class DPOptimizer(keras.optimizers.Optimizer):
             self.build(trainable_variables)
         context = tf.distribute.get_replica_context()
         replicas = context.num_replicas_in_sync if context is not None else 1
+        # Under several replicas DPModel.fit hands the step the whole Poisson batch and clips it
+        # chunk by chunk (`_fold_accumulation`): the accumulation happens inside the step.
+        folded = getattr(self, "_fold_accumulation", False)
         if replicas > 1:
-            if self.accumulation_steps > 1:
+            if self.accumulation_steps > 1 and not folded:
                 raise ValueError(
-                    "gradient_accumulation_steps > 1 is not supported under a multi-replica "
-                    "tf.distribute strategy yet: raise the per-step batch instead (replicas add memory)."
+                    "Under a multi-replica tf.distribute strategy, gradient accumulation runs inside "
+                    "DPModel.fit (each step takes the whole Poisson batch in chunks): train with fit."
                 )
             summed, below = context.all_reduce(tf.distribute.ReduceOp.SUM, [summed, below])
         self._batches_seen.assign_add(1)
-        if self.accumulation_steps == 1:
+        if self.accumulation_steps == 1 or folded:
             self._noise_and_step(summed, below, trainable_variables, replicas)
             return
         for acc, g in zip(self._accumulators, summed):

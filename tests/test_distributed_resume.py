@@ -30,6 +30,9 @@ def test_mirrored_strategy_all_reduces_clipped_sums_and_noises_once():
         assert out[f"{name}_dp_steps"] == 1
     assert "fit()" in out["train_on_batch"]
     assert out["fit_dp_steps"] == 10
+    for trainable in ("bias", "all"):
+        assert out[f"accumulate_{trainable}_dp_steps_single"] == out[f"accumulate_{trainable}_dp_steps_mirrored"] == 10
+        assert out[f"accumulate_{trainable}_max_error"] < 1e-6
 
 
 def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):

@@ -120,9 +120,10 @@ def poisson_batches(
 
 
 def _poisson_batches(examples, sampling_rate, max_batch_size=None, *, steps_per_epoch=None, seed=None,
-                     overflow_probability=1e-9, micro_batches=1):
+                     overflow_probability=1e-9, micro_batches=1, key=None):
     """`poisson_batches` of tensors already in memory and already checked (`DPModel.fit` checks
-    its arrays itself, naming them `x` and `y`)."""
+    its arrays itself, naming them `x` and `y`). `key`: the sampling key itself (workers of one
+    run share one; see `dp_bitfit_keras.distribute`), else from `seed` or the OS."""
     if not 0 < sampling_rate <= 1:
         raise ValueError(f"sampling_rate must be in (0, 1]; got {sampling_rate}.")
     flat = tf.nest.flatten(examples)
@@ -139,7 +140,7 @@ def _poisson_batches(examples, sampling_rate, max_batch_size=None, *, steps_per_
     part = max_batch_size // micro_batches
     steps_per_epoch = steps_per_epoch or max(1, round(1.0 / sampling_rate))
     seed = None if seed is None else int(seed)
-    key = tf.constant(prng.key_for(seed, "sampling"), tf.int64)
+    key = tf.constant(prng.key_for(seed, "sampling") if key is None else key, tf.int64)
     sampler = PoissonSampler(
         num_examples=n,
         sampling_rate=float(sampling_rate),

@@ -24,7 +24,7 @@ from dp_bitfit_keras.methods.sparta import sparta_fit
 from dp_bitfit_keras.methods.two_phase import two_phase_fit
 from dp_bitfit_keras.model import DPModel
 from dp_bitfit_keras.optimizer import DPOptimizer
-from dp_bitfit_keras.selection import apply_selection, enable_lora, select_variables
+from dp_bitfit_keras.selection import apply_selection, enable_lora, head_layer, select_variables
 
 METHODS = {
     # name: (variables, private)
@@ -133,6 +133,7 @@ def train(
     gradient_accumulation_steps: int = 1,
     seed: int = 0,
     noise_seed: int | None = None,
+    head_init: str = "random",
     verbose: int = 1,
     callbacks=(),
 ) -> RunResult:
@@ -152,9 +153,14 @@ def train(
         noise_seed: None (default): the DP noise and the Poisson samples are keyed by secret
             keys from the operating system, so a run is private even though `seed` is public.
             An int makes them reproducible too (warns: not private against whoever knows it).
+        head_init: `"random"` (the model's own initialiser) or `"zeros"`: the classifier head's
+            kernel starts at 0, so the first private steps are not spent undoing a random head
+            (a known aid to DP fine-tuning; what it is worth here: `examples/accuracy_study.py`).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}; got {method!r}.")
+    if head_init not in ("random", "zeros"):
+        raise ValueError(f"head_init must be 'random' or 'zeros'; got {head_init!r}.")
     trainable, private = METHODS[method]
     if private and not (epsilon > 0 and math.isfinite(epsilon)):
         raise ValueError(f"{method} needs a finite target epsilon > 0; got {epsilon}.")
@@ -170,6 +176,8 @@ def train(
     lr = learning_rate or default_learning_rate(method)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     base = build_model()
+    if head_init == "zeros":
+        zero_head(base)
     if trainable.startswith("lora"):
         enable_lora(base, LORA_RANK)
     timer = StepTimer(group=k)
@@ -235,6 +243,14 @@ def train(
         steps=model.optimizer.dp_steps if private else int(model.optimizer.iterations.numpy()),
         model=model,
     )
+
+
+def zero_head(model: keras.Model) -> None:
+    """Sets the classifier head's kernel (the last layer with one) to zeros."""
+    head = head_layer(model)
+    if head is None:
+        raise ValueError(f"Model '{model.name}' has no layer with a kernel to use as its head.")
+    head.kernel.assign(np.zeros(head.kernel.shape, head.kernel.dtype))
 
 
 def default_export_dir(dataset: str, method: str, epsilon: float, root: str = "savedmodels") -> str:

@@ -244,3 +244,55 @@ def test_utility_sweep_peer_starts_from_our_model_and_is_accounted(tiny_preset, 
     unused = sum(int(np.prod(v.shape)) for v in ours.selection.variables if v.path.startswith("pooled_dense/"))
     assert unused > 0 and row["trainable_params"] == ours.selection.num_trainable - unused
     assert 0.0 <= row["test_accuracy"] <= 1.0
+
+
+def test_recipes_zero_head_starts_the_head_at_zero():
+    from dp_bitfit_keras import recipes
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2, name="logits")])
+    recipes.zero_head(model)
+    assert not np.any(model.get_layer("logits").kernel.numpy()) and np.any(model.layers[0].kernel.numpy())
+    data = (np.zeros((8, 3), "float32"), np.zeros(8, "int32"))
+    with pytest.raises(ValueError, match="head_init"):
+        recipes.train("dp_full", lambda: model, data, data, data, head_init="xavier")
+
+
+def test_accuracy_study_searches_resumes_and_reports(tmp_path, monkeypatch):
+    out = str(tmp_path / "study")
+    with _example("accuracy_study") as study:
+        # A two-stage plan of one-epoch digits runs: the search, the non-private search on the
+        # private winner's data, the ε runs, the report.
+        monkeypatch.setitem(study.BASE, "image", dict(study.BASE["image"], epochs=1))
+        monkeypatch.setitem(study.PRIVATE_PLAN, "image", [("learning rate", [{}, {"lr_scale": 2.0}]),
+                                                          ("head init", [{}, {"head_init": "zeros"}])])
+        monkeypatch.setitem(study.NONPRIVATE_PLAN, "image", [("method", [{"method": "bitfit_head", "learning_rate": 2e-2}])])
+        argv = [study.__file__, "--tasks=image", f"--out={out}", "--image_repeats=1", "--epsilons=3,8",
+                "--phases=private,nonprivate,epsilons"]
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(argv)
+        try:
+            study.main([])
+            runs = [json.loads(line) for line in open(out + "_image.jsonl")]
+            # 3 private configurations (base, lr x2, then zeros on the winner), 1 non-private
+            # run, and ε = 3 (ε = 8 is the winner's own run).
+            assert len(runs) == 3 + 1 + 1
+            assert {r["config"]["head_init"] for r in runs} == {"random", "zeros"}
+            assert all(r["epsilon"] <= r["config"].get("epsilon", float("inf")) + 1e-6 for r in runs)
+            flags.FLAGS(argv)
+            study.main([])  # resumed: nothing is run twice
+            assert sum(1 for _ in open(out + "_image.jsonl")) == len(runs)
+        finally:
+            flags.FLAGS.unparse_flags()
+    report = open(out + ".md").read()
+    assert "✓" in report and "Chosen private configuration" in report and "non-private bitfit_head" in report
+    summary = json.load(open(out + ".json"))["image"]
+    chosen = summary["private_best"]
+    scores = {}
+    for r in runs:
+        if r["stage"].startswith("private") and r["config"]["epsilon"] == 8.0:
+            scores.setdefault(json.dumps(r["config"], sort_keys=True), []).append(r["validation_accuracy"])
+    # The winner of the last stage has the best mean validation accuracy among its stage's options.
+    last_stage = [json.dumps(dict(chosen, head_init=h), sort_keys=True) for h in ("random", "zeros")]
+    best = max(last_stage, key=lambda k: np.mean(scores[k]))
+    assert json.dumps(chosen, sort_keys=True) == best
+    assert os.path.getsize(out + ".png") > 10_000

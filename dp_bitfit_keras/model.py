@@ -456,8 +456,11 @@ class DPModel(keras.Model):
                 key = rest[0] if rest else None
             elif key is not None:
                 (key,) = distribute.broadcast_from_first_replica(strategy, [key])
+        # Whole slices for every replica (and whole chunks of a k-th within each): pad the batch.
+        multiple = strategy.num_replicas_in_sync * optimizer.accumulation_steps
+        padded = -(-sampler.max_batch_size // multiple) * multiple
         rebuilt = sampling._poisson_batches(
-            sampler.examples, sampler.sampling_rate, sampler.max_batch_size, steps_per_epoch=sampler.steps_per_epoch,
+            sampler.examples, sampler.sampling_rate, padded, steps_per_epoch=sampler.steps_per_epoch,
             seed=sampler.seed, micro_batches=1 if fold else sampler.micro_batches, key=key,
         )
         options = tf.data.Options()

@@ -113,7 +113,8 @@ class RunResult:
         return self.model.model if isinstance(self.model, DPModel) else self.model
 
     def as_dict(self):
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "model"}
+        # Not dataclasses.asdict: it would deep-copy (pickle) the trained model first.
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
 
 
 def train(
@@ -127,13 +128,13 @@ def train(
     delta: float | None = None,
     epochs: int = 1,
     batch_size: int = 64,
-    l2_norm_clip: float = 0.1,
-    clipping: str = "automatic",
+    l2_norm_clip: float = 1.0,
+    clipping: str = "abadi",
     learning_rate: float | None = None,
     gradient_accumulation_steps: int = 1,
     seed: int = 0,
     noise_seed: int | None = None,
-    head_init: str = "random",
+    head_init: str = "auto",
     verbose: int = 1,
     callbacks=(),
 ) -> RunResult:
@@ -153,15 +154,22 @@ def train(
         noise_seed: None (default): the DP noise and the Poisson samples are keyed by secret
             keys from the operating system, so a run is private even though `seed` is public.
             An int makes them reproducible too (warns: not private against whoever knows it).
-        head_init: `"random"` (the model's own initialiser) or `"zeros"`: the classifier head's
-            kernel starts at 0, so the first private steps are not spent undoing a random head
-            (a known aid to DP fine-tuning; what it is worth here: `examples/accuracy_study.py`).
+        l2_norm_clip, clipping: C and the clipping style. Defaults (Abadi clipping at C = 1)
+            from `examples/accuracy_study.py`: better than automatic clipping at C = 0.1 on the
+            validation splits of both offline tasks.
+        head_init: `"random"` (the model's own initialiser), `"zeros"` (the classifier head's
+            kernel starts at 0, so the first private steps are not spent undoing a random
+            head: +2.4 and +6 points of validation accuracy on the text and digits tasks in
+            the study), or `"auto"` (default): zeros for private methods that train the head,
+            the model's own otherwise (bias-only training could not move a zero head).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}; got {method!r}.")
-    if head_init not in ("random", "zeros"):
-        raise ValueError(f"head_init must be 'random' or 'zeros'; got {head_init!r}.")
+    if head_init not in ("auto", "random", "zeros"):
+        raise ValueError(f"head_init must be 'auto', 'random' or 'zeros'; got {head_init!r}.")
     trainable, private = METHODS[method]
+    if head_init == "auto":
+        head_init = "zeros" if private and trainable != "bias" else "random"
     if private and not (epsilon > 0 and math.isfinite(epsilon)):
         raise ValueError(f"{method} needs a finite target epsilon > 0; got {epsilon}.")
     k = gradient_accumulation_steps

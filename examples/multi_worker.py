@@ -105,12 +105,14 @@ def train():
     with strategy.scope():
         keras.utils.set_random_seed(0)
         base = task.build_model()
+        if trainable != "bias":
+            recipes.zero_head(base)  # the recipes' default for private runs that train the head
         if trainable.startswith("lora"):
             dpk.enable_lora(base, recipes.LORA_RANK)
         model = dpk.DPModel(base, trainable=trainable)
         model.compile(
-            optimizer=dpk.DPOptimizer(keras.optimizers.Adam(learning_rate), 0.1, target_epsilon=FLAGS.epsilon,
-                                      target_delta=delta, clipping="automatic",
+            optimizer=dpk.DPOptimizer(keras.optimizers.Adam(learning_rate), 1.0, target_epsilon=FLAGS.epsilon,
+                                      target_delta=delta, clipping="abadi",
                                       gradient_accumulation_steps=FLAGS.gradient_accumulation_steps),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"],
         )

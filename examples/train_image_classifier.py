@@ -27,8 +27,10 @@ flags.DEFINE_float("epsilon", 8.0, "Target ε (private methods).")
 flags.DEFINE_float("delta", None, "δ; default 1/(2n).")
 flags.DEFINE_integer("epochs", 30, "Epochs.")
 flags.DEFINE_integer("batch_size", 64, "Expected logical batch size (Poisson sampling for private methods).")
-flags.DEFINE_float("l2_norm_clip", 0.1, "Per-example clipping norm C.")
-flags.DEFINE_enum("clipping", "automatic", ["automatic", "abadi"], "Clipping style.")
+flags.DEFINE_float("l2_norm_clip", 1.0, "Per-example clipping norm C (default from examples/accuracy_study.py).")
+flags.DEFINE_enum("clipping", "abadi", ["automatic", "abadi"], "Clipping style (Abadi: clip to C; automatic: normalize to C).")
+flags.DEFINE_enum("head_init", "auto", ["auto", "random", "zeros"], "Classifier head kernel at start; auto: zeros for "
+                  "private methods that train the head (examples/accuracy_study.py), the model's own otherwise.")
 flags.DEFINE_float("learning_rate", None, "Adam learning rate; default 2e-2 for bias(+head) methods, 1e-3 full, 2e-3 dp_full.")
 flags.DEFINE_integer("max_examples", 0, "Use at most this many labelled examples (0: all).")
 flags.DEFINE_integer("image_size", 224, "Image size for hub presets (resized).")
@@ -52,7 +54,7 @@ def run():
     result = recipes.train(
         FLAGS.method, build_model, data.train, data.validation, data.test,
         epsilon=FLAGS.epsilon, delta=FLAGS.delta, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
-        l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, learning_rate=learning_rate,
+        l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, head_init=FLAGS.head_init, learning_rate=learning_rate,
         seed=FLAGS.seed, noise_seed=FLAGS.noise_seed, verbose=2,
     )
     export_dir = FLAGS.export_dir or recipes.default_export_dir(FLAGS.dataset, FLAGS.method, FLAGS.epsilon)

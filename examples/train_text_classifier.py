@@ -13,6 +13,7 @@ Ends with a summary and a SavedModel (raw-string signature) under `savedmodels/`
 
 import json
 import os
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -31,8 +32,10 @@ flags.DEFINE_float("epsilon", 8.0, "Target ε (private methods).")
 flags.DEFINE_float("delta", None, "δ; default 1/(2n).")
 flags.DEFINE_integer("epochs", 1, "Epochs.")
 flags.DEFINE_integer("batch_size", 128, "Expected logical batch size (Poisson sampling for private methods).")
-flags.DEFINE_float("l2_norm_clip", 0.1, "Per-example clipping norm C.")
-flags.DEFINE_enum("clipping", "automatic", ["automatic", "abadi"], "Clipping style.")
+flags.DEFINE_float("l2_norm_clip", 1.0, "Per-example clipping norm C (default from examples/accuracy_study.py).")
+flags.DEFINE_enum("clipping", "abadi", ["automatic", "abadi"], "Clipping style (Abadi: clip to C; automatic: normalize to C).")
+flags.DEFINE_enum("head_init", "auto", ["auto", "random", "zeros"], "Classifier head kernel at start; auto: zeros for "
+                  "private methods that train the head (examples/accuracy_study.py), the model's own otherwise.")
 flags.DEFINE_float("learning_rate", None, "Adam learning rate; default per method (5e-3 for bias-only).")
 flags.DEFINE_integer("gradient_accumulation_steps", 1, "Private methods: split each Poisson batch into this many "
                      "micro-batches, noise once per batch (same ε, ~1/k the memory; e.g. 4 for dp_full).")
@@ -40,7 +43,7 @@ flags.DEFINE_integer("max_examples", 6000, "Use at most this many labelled examp
 flags.DEFINE_integer("sequence_length", 64, "Tokens per example (64 covers over 99% of the tweets).")
 flags.DEFINE_enum("pooling", "mean", ["mean", "cls"], "Classifier pooling over the backbone's outputs.")
 flags.DEFINE_string("export_dir", None, "SavedModel directory; default savedmodels/<run name>/<version>.")
-flags.DEFINE_string("summary_json", None, "Also write the run summary here.")
+flags.DEFINE_string("summary_json", None, "Also write the run summary here (and a one-row Markdown table next to it, .md).")
 flags.DEFINE_integer("seed", 0, "Seed for initialisation, splits and dropout (not the DP noise or sampling).")
 flags.DEFINE_integer("noise_seed", None, "Private methods: make the DP noise and Poisson sampling reproducible "
                      "from this seed. Default: secret keys from the OS. A run with a known noise seed is NOT private.")
@@ -48,6 +51,7 @@ flags.DEFINE_integer("noise_seed", None, "Private methods: make the DP noise and
 
 def run():
     """Trains, exports and prints the summary; returns (summary dict, trained model, preprocessor)."""
+    start = time.perf_counter()
     task = tasks.text_task(FLAGS.preset, FLAGS.dataset, FLAGS.max_examples or None, FLAGS.sequence_length, FLAGS.pooling)
     data, preprocessor = task.splits, task.preprocessor
     splits = (data.train, data.validation, data.test)
@@ -55,7 +59,7 @@ def run():
     result = recipes.train(
         FLAGS.method, task.build_model, *splits,
         epsilon=FLAGS.epsilon, delta=FLAGS.delta, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
-        l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, learning_rate=FLAGS.learning_rate or task.learning_rate(FLAGS.method),
+        l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, head_init=FLAGS.head_init, learning_rate=FLAGS.learning_rate or task.learning_rate(FLAGS.method),
         gradient_accumulation_steps=FLAGS.gradient_accumulation_steps, seed=FLAGS.seed, noise_seed=FLAGS.noise_seed,
     )
     export_dir = FLAGS.export_dir or recipes.default_export_dir(FLAGS.dataset, FLAGS.method, FLAGS.epsilon)
@@ -67,10 +71,25 @@ def run():
                    tokens_export_dir=tokens_dir)
     recipes.print_summary(result, export_dir, f"(uv run python examples/predict.py --model_dir={export_dir} 'some text')")
     print(f"Tokens-only model:   {tokens_dir}  (plain TF ops: no tensorflow_text needed; assets/vocab.txt)")
+    summary["wall_s"] = time.perf_counter() - start  # data, model, training, evaluation, export
     if FLAGS.summary_json:
         with open(FLAGS.summary_json, "w") as f:
             json.dump(summary, f, indent=1)
+        with open(os.path.splitext(FLAGS.summary_json)[0] + ".md", "w") as f:
+            f.write(summary_table(summary, data))
     return summary, model, preprocessor
+
+
+def summary_table(summary, data):
+    """The run as a one-row Markdown table (what the README includes)."""
+    eps = "∞" if summary["noise_multiplier"] is None else f"{summary['epsilon']:.3f} (σ {summary['noise_multiplier']:.3f})"
+    sizes = "/".join(f"{len(y):,}" for _, y in (data.train, data.validation, data.test))
+    return (
+        "| method | train/val/test | ε | steps | validation % | test % | ms/step | whole command |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|\n"
+        f"| {summary['method']} | {sizes} | {eps} | {summary['steps']} | {100 * summary['validation_accuracy']:.1f} | "
+        f"{100 * summary['test_accuracy']:.1f} | {summary['ms_per_step']:.0f} | {summary['wall_s'] / 60:.1f} min |\n"
+    )
 
 
 def main(_):

@@ -51,6 +51,11 @@ flags.DEFINE_integer("noise_seed", None, "Make the DP noise and Poisson sampling
 flags.DEFINE_integer("repeats", 1, "Runs per (method, ε): same splits and initialisation, fresh DP noise and "
                      "sampling each run; tables show mean ± standard deviation.")
 flags.DEFINE_string("out", "results/utility", "Output prefix: writes <out>.json, <out>.md, <out>.png.")
+flags.DEFINE_float("l2_norm_clip", 1.0, "Clipping norm C of the private methods (recipes' default).")
+flags.DEFINE_enum("clipping", "abadi", ["abadi", "automatic"], "Clipping style (recipes' default: abadi).")
+flags.DEFINE_enum("head_init", "auto", ["auto", "random", "zeros"], "Classifier head at start (recipes' default: auto). "
+                  "Tables made before examples/accuracy_study.py used --l2_norm_clip=0.1 --clipping=automatic "
+                  "--head_init=random.")
 
 
 def _runs(methods, epsilons):
@@ -141,6 +146,7 @@ def _sweep_runs(task_name, task, epochs, batch_size, epsilons, scratch):
                     method, task.build_model, task.splits.train, task.splits.validation, task.splits.test,
                     epsilon=eps if math.isfinite(eps) else 1.0, epochs=epochs, batch_size=batch_size,
                     learning_rate=task.learning_rate(method), seed=FLAGS.seed, noise_seed=FLAGS.noise_seed, verbose=0,
+                    l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, head_init=FLAGS.head_init,
                 ).as_dict()
             row = dict(result, task=task_name, target_epsilon=eps, repeat=repeat)
             print(json.dumps({k: row[k] for k in ("method", "target_epsilon", "epsilon", "validation_accuracy", "test_accuracy", "ms_per_step")}), flush=True)

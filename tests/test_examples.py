@@ -66,8 +66,12 @@ def test_text_example_trains_exports_and_serves(tiny_preset, tmp_path, method):
         summary, model, preprocessor = _run_example("train_text_classifier", [
             f"--preset={tiny_preset}", "--dataset=glue/sst2", f"--method={method}", "--batch_size=16",
             "--sequence_length=16", "--max_examples=100", f"--export_dir={export_dir}", "--epsilon=5",
+            f"--summary_json={tmp_path / 'run.json'}",
         ])
     assert summary["export_dir"] == export_dir and summary["steps"] > 0
+    assert json.load(open(tmp_path / "run.json"))["wall_s"] > 0
+    row = open(tmp_path / "run.md").read().splitlines()[-1]
+    assert row.startswith(f"| {method} | 80/10/10 |") and f"{100 * summary['test_accuracy']:.1f}" in row
     if method.startswith("dp_"):
         assert 0 < summary["epsilon"] <= 5.0 + 1e-6
     texts = ["a good movie", "bad and boring", "zzz"]
@@ -296,3 +300,14 @@ def test_accuracy_study_searches_resumes_and_reports(tmp_path, monkeypatch):
     best = max(last_stage, key=lambda k: np.mean(scores[k]))
     assert json.dumps(chosen, sort_keys=True) == best
     assert os.path.getsize(out + ".png") > 10_000
+
+
+def test_run_result_as_dict_does_not_copy_the_model():
+    from dp_bitfit_keras import recipes
+
+    class Uncopyable:
+        def __deepcopy__(self, memo):
+            raise AssertionError("the trained model was deep-copied")
+
+    result = recipes.RunResult("dp_lora", 8.0, 1e-5, 1.0, 0.8, 0.8, 1.0, 10, 0.1, 3, model=Uncopyable())
+    assert result.as_dict()["method"] == "dp_lora" and "model" not in result.as_dict()

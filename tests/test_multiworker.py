@@ -119,3 +119,20 @@ def test_a_worker_whose_peer_never_comes_fails_fast(tmp_path):
     assert result["error"] == "WorkerUnreachableError"
     assert f"worker 1 at 127.0.0.1:{other}" in result["message"] and "within 3 s" in result["message"]
     assert time.monotonic() - start < 120  # import + 3 s, never the strategy's unbounded wait
+
+
+@pytest.mark.slow
+def test_launcher_example_runs_two_local_workers(tmp_path):
+    example = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "multi_worker.py")
+    summary = tmp_path / "summary.json"
+    proc = subprocess.run(
+        [sys.executable, example, "--local_workers=2", "--epochs=2", "--batch_size=128", "--method=dp_bitfit_head",
+         f"--summary_json={summary}", f"--export_dir={tmp_path / 'export'}"],
+        capture_output=True, text=True, timeout=LIMIT_S,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f"summary.json.{i}").read_text()) for i in range(2))
+    assert a["workers"] == b["workers"] == 2 and a["worker"] == 0 and b["worker"] == 1
+    assert a["dp_steps"] == b["dp_steps"] > 0 and a["epsilon"] == b["epsilon"] <= 8.0 + 1e-6
+    assert a["weights_fingerprint"] == b["weights_fingerprint"]  # the same trained weights
+    assert (tmp_path / "export" / "saved_model.pb").exists()  # worker 0 exports

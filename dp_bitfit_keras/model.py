@@ -575,6 +575,8 @@ class _LedgerSync(keras.callbacks.Callback):
                 noise_multiplier=optimizer.noise_multiplier, weights=distribute.fingerprint(self.model.weights),
             ))
         seen = int(optimizer._batches_seen.numpy())
+        if seen > 0:
+            _revive_merged_lora(self.model.model, seen)
         # A run from an empty ledger ends exactly at its plan: only a restored (or continued)
         # ledger needs the per-step check, which reads the device each step.
         self._check_plan = seen > 0
@@ -585,3 +587,31 @@ class _LedgerSync(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self._check_plan and self.model.optimizer.dp_steps >= self._planned:
             self.model.stop_training = True
+
+
+def _revive_merged_lora(model, seed):
+    """Keras saves a LoRA layer with its factors merged into the kernel and loads it with both
+    factors at zero, where neither gets a gradient again: a DP-LoRA run restored by
+    `BackupAndRestore` would silently stop learning. Both factors at zero (never the case while
+    training: A starts random) mean such a restore: A is drawn afresh from the layer's
+    initialiser (seeded by the step count, the same on every worker), B stays zero, so the
+    function is unchanged and training continues (from a new factorisation: the resumed run
+    is a valid LoRA run, not bit-identical to an uninterrupted one).
+    """
+    revived = []
+    for layer in selection._layers(model):
+        if not getattr(layer, "lora_enabled", False):
+            continue
+        factors = [v for v in layer._trainable_variables if v.name.startswith("lora_")]
+        a = [v for v in factors if v.name.endswith("_a")]
+        if factors and a and all(not tf.reduce_any(tf.not_equal(v, 0)).numpy() for v in factors):
+            init = keras.initializers.HeUniform(seed=seed + len(revived))
+            for v in a:
+                v.assign(init(v.shape, v.dtype))
+            revived.append(layer.name)
+    if revived:
+        warnings.warn(
+            f"Restored LoRA factors were merged into their kernels by Keras' saving (both factors "
+            f"at zero): re-initialised A of {revived} so that training continues.", stacklevel=2,
+        )
+    return revived

@@ -54,3 +54,38 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):
     assert a["epsilon"] <= 3.0
     error = max(float(np.abs(np.array(u) - np.array(v)).max()) for u, v in zip(a["weights"], b["weights"]))
     assert error < 1e-6, error
+
+
+def test_dp_lora_restored_by_backup_and_restore_keeps_learning(tmp_path):
+    import keras
+
+    import dp_bitfit_keras as dpk
+
+    rng = np.random.RandomState(0)
+    x, y = rng.randn(64, 6).astype("float32"), rng.randint(0, 3, 64).astype("int32")
+
+    def model():
+        keras.utils.set_random_seed(0)
+        base = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, name="hidden"), keras.layers.Dense(3, name="head")])
+        dpk.enable_lora(base, 2)
+        m = dpk.DPModel(base, trainable="lora+head")
+        m.compile(optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.5), 1.0, 0.5, seed=1),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return m
+
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path), save_freq="epoch", delete_checkpoint=False)
+    class Interrupt(keras.callbacks.Callback):  # as if killed after the first epoch's backup
+        def on_epoch_end(self, epoch, logs=None):
+            self.model.stop_training = True
+
+    first = model()
+    first.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[backup, Interrupt()])
+    assert first.optimizer.dp_steps == 4
+    resumed = model()
+    layer = resumed.model.get_layer("hidden")
+    with pytest.warns(UserWarning, match="re-initialised A"):
+        resumed.fit(x, y, batch_size=16, epochs=2, verbose=0,
+                    callbacks=[keras.callbacks.BackupAndRestore(str(tmp_path), save_freq="epoch", delete_checkpoint=False)])
+    # Keras restored the merged kernel and zeroed both factors; revived, B has learned again.
+    assert np.any(layer.lora_kernel_b.numpy() != 0)
+    assert resumed.optimizer.dp_steps == 8

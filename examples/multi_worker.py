@@ -40,6 +40,7 @@ flags.DEFINE_integer("epochs", 30, "Epochs.")
 flags.DEFINE_integer("batch_size", 256, "Expected global batch size (Poisson), split over all replicas.")
 flags.DEFINE_float("learning_rate", None, "Adam learning rate; default: the method's digits default.")
 flags.DEFINE_integer("gradient_accumulation_steps", 1, "Chunks of each global batch per replica (memory).")
+flags.DEFINE_integer("pretrain_epochs", 30, "Epochs of the public pretraining (digits 0-4), on every worker.")
 flags.DEFINE_string("backup_dir", None, "keras.callbacks.BackupAndRestore directory (one subdirectory per worker).")
 flags.DEFINE_float("connect_timeout", 120.0, "Seconds to wait for the other workers before failing.")
 flags.DEFINE_string("export_dir", None, "SavedModel directory (worker 0); default savedmodels/multi_worker_<method>/<version>.")
@@ -84,7 +85,7 @@ def train():
     else:
         strategy = tf.distribute.get_strategy()
     index = distribute.worker_index(strategy)
-    task = tasks.digits_transfer_task(verbose=index == 0)  # the same public pretraining on every worker
+    task = tasks.digits_transfer_task(FLAGS.pretrain_epochs, verbose=index == 0)  # the same public pretraining on every worker
     (x, y), validation, test = task.splits.train, task.splits.validation, task.splits.test
     trainable = recipes.METHODS[FLAGS.method][0]
     learning_rate = FLAGS.learning_rate or task.learning_rate(FLAGS.method)

@@ -17,12 +17,15 @@ mechanism):
   noise stream the single-process one.
 - **One ledger**: clipped sums are all-reduced before the noise; every replica's optimizer counts
   the same global steps, so every worker reports the same ε. Facts that must agree (dataset size,
-  sampling rate, batch, steps, seed, accumulation, σ or target ε, clip, steps already taken) are
-  gathered from every worker before any step; a mismatch is a `ValueError` naming it.
+  sampling rate, batch, steps, seed, accumulation, σ or target ε, clip, steps already taken, a
+  fingerprint of the starting weights) are gathered from every worker before any step, and again
+  after any `BackupAndRestore` restore; a mismatch is a `ValueError` naming it.
 
 `multi_worker_strategy()` builds the strategy with bounded waits: peers that cannot be reached
-raise `WorkerUnreachableError` after `connect_timeout` seconds instead of blocking, and a
-collective that a dead peer never answers fails after `collective_timeout` seconds.
+raise `WorkerUnreachableError` after `connect_timeout` seconds instead of blocking; a peer that
+dies mid-run is reported by the coordination service after `heartbeat_timeout` seconds (every
+other worker's step fails with "tasks are unhealthy"), and a collective that is never answered
+fails after `collective_timeout` seconds.
 """
 
 from __future__ import annotations

@@ -126,16 +126,28 @@ class DPModel(keras.Model):
         if not isinstance(spec, str):
             chosen = {id(v) for v in self.selection.variables}
             spec = {"weight_indices": [i for i, v in enumerate(self.model.weights) if id(v) in chosen]}
-        return {
+        config = {
             "name": self.name,
             "model": keras.saving.serialize_keras_object(self.model),
             "trainable": spec,
         }
+        # Layers whose LoRA was enabled after construction (keras-hub's backbone.enable_lora,
+        # dpk.enable_lora) are not in the model's own config: record them to enable again.
+        lora = {_kernel_prefix(layer): int(layer.lora_rank) for layer in selection._layers(self.model)
+                if getattr(layer, "lora_enabled", False) and _kernel_prefix(layer)}
+        if lora:
+            config["lora_layers"] = lora
+        return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         model = keras.saving.deserialize_keras_object(config.pop("model"), custom_objects=custom_objects)
+        lora = config.pop("lora_layers", None) or {}
+        for layer in selection._layers(model):
+            rank = lora.get(_kernel_prefix(layer))
+            if rank and not getattr(layer, "lora_enabled", False):
+                layer.enable_lora(rank)
         return cls(model, **config)
 
     # --- Compile / fit -----------------------------------------------------------------------
@@ -587,6 +599,16 @@ class _LedgerSync(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self._check_plan and self.model.optimizer.dp_steps >= self._planned:
             self.model.stop_training = True
+
+
+def _kernel_prefix(layer):
+    """A layer's variable path prefix (`.../query` of `.../query/kernel`), or None."""
+    # `_kernel` first: with LoRA enabled, `layer.kernel` is the merged tensor, not the variable.
+    for name in ("_kernel", "kernel", "_embeddings", "embeddings"):
+        path = getattr(getattr(layer, name, None), "path", None)
+        if path:
+            return path.rsplit("/", 1)[0]
+    return None
 
 
 def _revive_merged_lora(model, seed):

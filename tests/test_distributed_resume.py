@@ -89,3 +89,23 @@ def test_dp_lora_restored_by_backup_and_restore_keeps_learning(tmp_path):
     # Keras restored the merged kernel and zeroed both factors; revived, B has learned again.
     assert np.any(layer.lora_kernel_b.numpy() != 0)
     assert resumed.optimizer.dp_steps == 8
+
+
+def test_dp_lora_model_saves_and_loads_with_its_lora_layers(tmp_path):
+    import keras
+    import keras_hub
+
+    import dp_bitfit_keras as dpk
+    from dp_bitfit_keras import text
+
+    keras.utils.set_random_seed(0)
+    backbone = keras_hub.models.BertBackbone(vocabulary_size=30, num_layers=1, num_heads=2, hidden_dim=8,
+                                             intermediate_dim=16, max_sequence_length=8)
+    base = text.bert_classifier(backbone, 2)
+    dpk.enable_lora(base, 2)  # keras-hub: not part of the backbone's config
+    model = dpk.DPModel(base, trainable="lora+head")
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    names = lambda m: sorted(v.path for v in m.selection.variables)  # noqa: E731
+    assert names(loaded) == names(model) and any("lora_kernel_a" in n for n in names(model))

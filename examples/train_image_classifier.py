@@ -22,16 +22,18 @@ from dp_bitfit_keras import recipes, tasks  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "offline-digits", "'offline-digits' (CNN pretrained here on digits 0-4) or a keras-hub image classifier preset / directory.")
 flags.DEFINE_string("dataset", "digits", "'digits' (private half: 5-9) or a TFDS image classification name (e.g. cifar10).")
-flags.DEFINE_enum("method", "dp_bitfit_head", sorted(recipes.METHODS), "What to train, privately or not.")
+flags.DEFINE_enum("method", None, sorted(recipes.METHODS), "What to train, privately or not. Default: the "
+                  "accuracy study's choice for the offline digits (dp_full), dp_bitfit_head for hub presets.")
 flags.DEFINE_float("epsilon", 8.0, "Target ε (private methods).")
 flags.DEFINE_float("delta", None, "δ; default 1/(2n).")
-flags.DEFINE_integer("epochs", 30, "Epochs.")
-flags.DEFINE_integer("batch_size", 64, "Expected logical batch size (Poisson sampling for private methods).")
+flags.DEFINE_integer("epochs", None, "Epochs; default 100 on the offline digits (the study's choice), 30 otherwise.")
+flags.DEFINE_integer("batch_size", None, "Expected logical batch size (Poisson sampling for private methods); "
+                     "default 256 on the offline digits (the study's choice), 64 otherwise.")
 flags.DEFINE_float("l2_norm_clip", 1.0, "Per-example clipping norm C (default from examples/accuracy_study.py).")
 flags.DEFINE_enum("clipping", "abadi", ["automatic", "abadi"], "Clipping style (Abadi: clip to C; automatic: normalize to C).")
 flags.DEFINE_enum("head_init", "auto", ["auto", "random", "zeros"], "Classifier head kernel at start; auto: zeros for "
                   "private methods that train the head (examples/accuracy_study.py), the model's own otherwise.")
-flags.DEFINE_float("learning_rate", None, "Adam learning rate; default 2e-2 for bias(+head) methods, 1e-3 full, 2e-3 dp_full.")
+flags.DEFINE_float("learning_rate", None, "Adam learning rate; default per method (tasks.DIGITS_LEARNING_RATES on the digits).")
 flags.DEFINE_integer("max_examples", 0, "Use at most this many labelled examples (0: all).")
 flags.DEFINE_integer("image_size", 224, "Image size for hub presets (resized).")
 flags.DEFINE_integer("pretrain_epochs", 30, "Epochs of public pretraining (offline default).")
@@ -44,20 +46,25 @@ flags.DEFINE_integer("noise_seed", None, "Private methods: make the DP noise and
 
 def run():
     """Trains, exports and prints the summary; returns (summary dict, trained model)."""
-    if FLAGS.preset == "offline-digits" and FLAGS.dataset == "digits":
+    digits = FLAGS.preset == "offline-digits" and FLAGS.dataset == "digits"
+    # examples/accuracy_study.py's choices on the digits; hub presets keep the earlier defaults.
+    method = FLAGS.method or ("dp_full" if digits else "dp_bitfit_head")
+    epochs = FLAGS.epochs or (100 if digits else 30)
+    batch_size = FLAGS.batch_size or (256 if digits else 64)
+    if digits:
         task = tasks.digits_transfer_task(FLAGS.pretrain_epochs, FLAGS.seed)
     else:
         task = tasks.hub_image_task(FLAGS.preset, FLAGS.dataset, FLAGS.image_size, FLAGS.max_examples or None, FLAGS.seed)
     build_model, data = task.build_model, task.splits
     print(f"{FLAGS.dataset}: {[len(y) for _, y in (data.train, data.validation, data.test)]} private train/validation/test images")
-    learning_rate = FLAGS.learning_rate or task.learning_rate(FLAGS.method)
+    learning_rate = FLAGS.learning_rate or task.learning_rate(method)
     result = recipes.train(
-        FLAGS.method, build_model, data.train, data.validation, data.test,
-        epsilon=FLAGS.epsilon, delta=FLAGS.delta, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size,
+        method, build_model, data.train, data.validation, data.test,
+        epsilon=FLAGS.epsilon, delta=FLAGS.delta, epochs=epochs, batch_size=batch_size,
         l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, head_init=FLAGS.head_init, learning_rate=learning_rate,
         seed=FLAGS.seed, noise_seed=FLAGS.noise_seed, verbose=2,
     )
-    export_dir = FLAGS.export_dir or recipes.default_export_dir(FLAGS.dataset, FLAGS.method, FLAGS.epsilon)
+    export_dir = FLAGS.export_dir or recipes.default_export_dir(FLAGS.dataset, method, FLAGS.epsilon)
     model = result.base_model
     model.export(export_dir, format="tf_saved_model", verbose=False)
     summary = dict(result.as_dict(), dataset=FLAGS.dataset, preset=FLAGS.preset, export_dir=export_dir)

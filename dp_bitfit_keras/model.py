@@ -195,7 +195,11 @@ class DPModel(keras.Model):
         # One XLA program cannot hold the variables of several replicas' devices: under a
         # multi-replica strategy the step runs as a graph and each replica's per-example
         # gradients are XLA-compiled on their own.
-        self._nested_xla = bool(jit_compile) and self.distribute_strategy.num_replicas_in_sync > 1
+        # (Also under a one-replica strategy, e.g. a one-worker cluster: its optimizer step is a
+        # cross-replica merge_call, which XLA cannot hold either.)
+        self._nested_xla = bool(jit_compile) and (
+            self.distribute_strategy.num_replicas_in_sync > 1 or getattr(self, "_distribute_strategy", None) is not None
+        )
         if self._nested_xla:
             jit_compile = False
         super().compile(optimizer=optimizer, loss=loss, jit_compile=jit_compile, **kwargs)
@@ -385,7 +389,7 @@ class DPModel(keras.Model):
         strategy = self.distribute_strategy
         replicas = strategy.num_replicas_in_sync
         k = self.optimizer.accumulation_steps
-        if replicas > 1 and self.steps_per_execution != 1:
+        if (replicas > 1 or getattr(self, "_distribute_strategy", None) is not None) and self.steps_per_execution != 1:
             raise ValueError("Under a multi-replica strategy DPModel needs steps_per_execution=1 (the step budget is checked between steps).")
         dataset, q, expected, n = self._private_data(x, y, batch_size, sampling_rate, kwargs)
         sampler = getattr(dataset, "dp_sampler", None)

@@ -443,7 +443,7 @@ class DPOptimizer(keras.optimizers.Optimizer):
             self._dp_steps.assign_add(1)
             return tf.constant(True)
 
-        if replicas > 1:
+        if replicas > 1 or tf.distribute.has_strategy():
             # The inner optimizer all-reduces, a sync point that TF does not allow inside
             # tf.cond: under a strategy the step budget is enforced between steps instead (by
             # DPModel.fit / PrivacyCallback stopping training; fit checks steps_per_execution=1).

@@ -207,17 +207,22 @@ class Study:
         for stage, options in plan:
             candidates = []
             for option in options:
-                config = dict(best)
-                option = dict(option)
-                if "lr_scale" in option:
-                    config["learning_rate"] = float(f"{best['learning_rate'] * option.pop('lr_scale'):.3g}")
-                config.update(option)
+                config = apply_option(best, option)
                 self.run(config, f"{label}: {stage}")
                 candidates.append(config)
             allowed = [c for c in candidates if self.within_budget(c, budget_s)] or candidates[:1]
             best = max(allowed, key=self.score)
             log.append(dict(stage=stage, chosen=best, candidates=candidates))
         return best, log
+
+
+def apply_option(best, option):
+    """`best` with one stage option applied ("lr_scale" multiplies the learning rate)."""
+    config, option = dict(best), dict(option)
+    if "lr_scale" in option:
+        config["learning_rate"] = float(f"{best['learning_rate'] * option.pop('lr_scale'):.3g}")
+    config.update(option)
+    return config
 
 
 def private_base(task_name):
@@ -264,10 +269,7 @@ def _recorded_best(task_name):
     for stage, options in PRIVATE_PLAN[task_name]:
         candidates = []
         for option in options:
-            config, option = dict(best), dict(option)
-            if "lr_scale" in option:
-                config["learning_rate"] = float(f"{best['learning_rate'] * option.pop('lr_scale'):.3g}")
-            config.update(option)
+            config = apply_option(best, option)
             if not study.results(config):
                 return None
             candidates.append(config)
@@ -312,11 +314,7 @@ def report():
             for stage, options in plan:
                 candidates = []
                 for option in options:
-                    config, option = dict(best), dict(option)
-                    if "lr_scale" in option:
-                        config["learning_rate"] = float(f"{best['learning_rate'] * option.pop('lr_scale'):.3g}")
-                    config.update(option)
-                    candidates.append(config)
+                    candidates.append(apply_option(best, option))
                 if not all(study.results(c) for c in candidates):
                     best = None
                     break
@@ -338,6 +336,16 @@ def report():
             lines += _final_table(study, task_data)
         sections.append("\n".join(lines))
         data[task_name] = {k: v for k, v in task_data.items() if k != "runs"}
+    bests = {name: data[name].get("private_best") for name in data}
+    if all(bests.get(name) for name in ("text", "image")):
+        shared = {k: (bests["text"][k], bests["image"][k]) for k in SHARED_KNOBS}
+        if all(a == b for a, b in shared.values()):
+            sections.append("Transfer check: the two searches chose the same task-independent settings "
+                            f"({', '.join(f'{k}={a}' for k, (a, _) in shared.items())}) independently, so "
+                            "each task's defaults already hold the other's choices (no extra run needed).")
+        else:
+            sections.append("Transfer check: the tasks chose different task-independent settings "
+                            f"{shared}; see each task's transfer line above.")
     with open(FLAGS.out + ".md", "w") as f:
         f.write("\n\n".join(sections) + "\n")
     with open(FLAGS.out + ".json", "w") as f:
@@ -367,8 +375,6 @@ def _final_table(study, task_data):
         curve.append(dict(label=label, epsilon=math.inf if eps == "∞" else float(eps),
                           test=[r["test_accuracy"] for r in runs], validation=[r["validation_accuracy"] for r in runs]))
     task_data["curve"] = curve
-    for name, other in (("text", "image"), ("image", "text")):
-        pass
     transfer = [r for r in study.runs if r["stage"].startswith("transfer")]
     if transfer:
         config = transfer[0]["config"]

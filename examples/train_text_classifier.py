@@ -87,7 +87,7 @@ def summary_table(summary, data):
     eps = "∞" if summary["noise_multiplier"] is None else f"{summary['epsilon']:.3f} (σ {summary['noise_multiplier']:.3f})"
     sizes = "/".join(f"{len(y):,}" for _, y in (data.train, data.validation, data.test))
     return (
-        "| method | train/val/test | ε | steps | validation % | test % | ms/step | whole command |\n"
+        "| method | train/val/test | ε | steps | validation % | test % | ms/step | wall, data to export |\n"
         "|---|---|---:|---:|---:|---:|---:|---:|\n"
         f"| {summary['method']} | {sizes} | {eps} | {summary['steps']} | {100 * summary['validation_accuracy']:.1f} | "
         f"{100 * summary['test_accuracy']:.1f} | {summary['ms_per_step']:.0f} | {summary['wall_s'] / 60:.1f} min |\n"

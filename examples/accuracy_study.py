@@ -201,15 +201,21 @@ class Study:
     def within_budget(self, config, budget_s):
         return self.estimate_s(config) <= budget_s
 
-    def search(self, base, plan, budget_s, label):
-        """Greedy coordinate search; returns the chosen configuration and the stage log."""
+    def search(self, base, plan, budget_s, label, run=True):
+        """Greedy coordinate search; returns the chosen configuration and the stage log.
+
+        `run=False` replays the search from the recorded runs only (the report, the transfer
+        check): the chosen configuration is None, and the log stops, at the first stage with
+        an option never run.
+        """
         best, log = dict(base), []
         for stage, options in plan:
-            candidates = []
-            for option in options:
-                config = apply_option(best, option)
-                self.run(config, f"{label}: {stage}")
-                candidates.append(config)
+            candidates = [apply_option(best, option) for option in options]
+            for config in candidates:
+                if run:
+                    self.run(config, f"{label}: {stage}")
+                elif not self.results(config):
+                    return None, log
             allowed = [c for c in candidates if self.within_budget(c, budget_s)] or candidates[:1]
             best = max(allowed, key=self.score)
             log.append(dict(stage=stage, chosen=best, candidates=candidates))
@@ -265,17 +271,7 @@ def _recorded_best(task_name):
     if not os.path.exists(path):
         return None
     study = Study(task_name, path, FLAGS.text_repeats if task_name == "text" else FLAGS.image_repeats)
-    best = private_base(task_name)
-    for stage, options in PRIVATE_PLAN[task_name]:
-        candidates = []
-        for option in options:
-            config = apply_option(best, option)
-            if not study.results(config):
-                return None
-            candidates.append(config)
-        allowed = [c for c in candidates if study.within_budget(c, 60 * FLAGS.budget_minutes)] or candidates[:1]
-        best = max(allowed, key=study.score)
-    return best
+    return study.search(private_base(task_name), PRIVATE_PLAN[task_name], 60 * FLAGS.budget_minutes, "private", run=False)[0]
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -310,23 +306,16 @@ def report():
                 if "private_best" not in task_data:
                     break
                 base = nonprivate_base(task_name, task_data["private_best"])
-            best = dict(base)
-            for stage, options in plan:
-                candidates = []
-                for option in options:
-                    candidates.append(apply_option(best, option))
-                if not all(study.results(c) for c in candidates):
-                    best = None
-                    break
-                allowed = [c for c in candidates if study.within_budget(c, budget_s)] or candidates[:1]
-                best = max(allowed, key=study.score)
-                for c in candidates:
+            best, log = study.search(base, plan, budget_s, label, run=False)
+            for entry in log:
+                stage, chosen = entry["stage"], entry["chosen"]
+                for c in entry["candidates"]:
                     runs = study.results(c)
                     wall = statistics.mean(r["wall_s"] for r in runs)
                     over = "" if study.within_budget(c, budget_s) else ", over budget"
                     lines.append(f"| {label} | {stage} | {_describe(c, BASE[task_name])} | "
                                  f"{_pct([r['validation_accuracy'] for r in runs])} | {wall:.0f} ({study.estimate_s(c):.0f}{over}) | "
-                                 f"{'✓' if c is best else ''} |")
+                                 f"{'✓' if c is chosen else ''} |")
             if best is None:
                 lines.append(f"| {label} | (search not finished) | | | | |")
                 break

@@ -51,6 +51,9 @@ flags.DEFINE_integer("noise_seed", None, "Make the DP noise and Poisson sampling
 flags.DEFINE_integer("repeats", 1, "Runs per (method, ε): same splits and initialisation, fresh DP noise and "
                      "sampling each run; tables show mean ± standard deviation.")
 flags.DEFINE_string("out", "results/utility", "Output prefix: writes <out>.json, <out>.md, <out>.png.")
+flags.DEFINE_bool("resume", False, "Keep the runs already in <out>.json (written after every run) and do only the "
+                  "missing ones (more methods, ε values or repeats); refused if that file was made "
+                  "with other run settings (epochs, batch, seed, clipping, ...).")
 flags.DEFINE_float("l2_norm_clip", 1.0, "Clipping norm C of the private methods (recipes' default).")
 flags.DEFINE_enum("clipping", "abadi", ["abadi", "automatic"], "Clipping style (recipes' default: abadi).")
 flags.DEFINE_enum("head_init", "auto", ["auto", "random", "zeros"], "Classifier head at start (recipes' default: auto). "
@@ -120,17 +123,30 @@ def peer_run(task, task_file, method, eps, epochs, batch_size):
             return json.load(f)
 
 
-def sweep(task_name, task, epochs, batch_size):
+def sweep(task_name, task, epochs, batch_size, done=(), save=lambda rows: None):
+    """Runs `task`'s (method, ε, repeat) cells in order; `done` rows are kept, not re-run.
+
+    `save(rows)` is called after every run with this task's rows so far (done ones included).
+    """
     epsilons = [float(e) for e in FLAGS.epsilons]
     with tempfile.TemporaryDirectory(prefix="dpk_peer_") as scratch:  # the peer's task file, if any
-        return _sweep_runs(task_name, task, epochs, batch_size, epsilons, scratch)
+        return _sweep_runs(task_name, task, epochs, batch_size, epsilons, scratch, list(done), save)
 
 
-def _sweep_runs(task_name, task, epochs, batch_size, epsilons, scratch):
+def _key(row):
+    return row["task"], row["method"], float(row["target_epsilon"]), int(row["repeat"])
+
+
+def _sweep_runs(task_name, task, epochs, batch_size, epsilons, scratch, done, save):
     rows = []
+    finished = {_key(r): r for r in done}
     task_file = None
     for method, eps in _runs(FLAGS.methods, epsilons):
         for repeat in range(FLAGS.repeats if math.isfinite(eps) else 1):
+            if (task_name, method, eps, repeat) in finished:
+                rows.append(finished[(task_name, method, eps, repeat)])
+                print(f"== {task_name}: {method} at ε = {eps:g}, run {repeat + 1}: kept from {FLAGS.out}.json", flush=True)
+                continue
             print(f"== {task_name}: {method} at ε = {eps:g}" + (f", run {repeat + 1}/{FLAGS.repeats}" if FLAGS.repeats > 1 else ""),
                   flush=True)
             if method in PEER_METHODS:
@@ -151,6 +167,7 @@ def _sweep_runs(task_name, task, epochs, batch_size, epsilons, scratch):
             row = dict(result, task=task_name, target_epsilon=eps, repeat=repeat)
             print(json.dumps({k: row[k] for k in ("method", "target_epsilon", "epsilon", "validation_accuracy", "test_accuracy", "ms_per_step")}), flush=True)
             rows.append(row)
+            save(rows)
     return rows
 
 
@@ -218,6 +235,22 @@ def replot(json_path):
     plot(rows, prefix + ".png")
 
 
+def _resumed_rows(flag_values):
+    """The rows of an earlier run of this sweep at <out>.json (same flags but `resume`), or none."""
+    path = FLAGS.out + ".json"
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        earlier = json.load(f)
+    ignore = {"resume", "methods", "epsilons", "repeats", "tasks"}  # the cells; rows are keyed by them
+    mismatched = sorted(k for k in set(flag_values) | set(earlier["flags"])
+                        if k not in ignore and earlier["flags"].get(k) != flag_values.get(k))
+    if mismatched:
+        raise app.UsageError(f"--resume: {path} was made with other run settings ({', '.join(mismatched)}); "
+                             "use another --out or the same flags.")
+    return earlier["results"]
+
+
 def main(_):
     run()
 
@@ -226,18 +259,26 @@ def run():
     """Runs the sweep named by the flags; writes <out>.json, .md, .png; returns the rows."""
     os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
     check_methods(FLAGS.methods)
+    unknown = [name for name in FLAGS.tasks if name not in ("text", "image")]
+    if unknown:
+        raise app.UsageError(f"Unknown tasks {unknown}: use text and/or image.")
+    flag_values = _own_flags()
+    done = _resumed_rows(flag_values) if FLAGS.resume else []
     rows = []
+
+    def save(task_rows):  # After every run: nothing lost on a crash (--resume picks up from here).
+        with open(FLAGS.out + ".json", "w") as f:
+            json.dump({"flags": flag_values, "results": rows + task_rows}, f, indent=1, default=str)
+
     for name in FLAGS.tasks:
         if name == "text":
             task = tasks.text_task(max_examples=FLAGS.text_max_examples or None, pooling=TEXT_POOLING)
-            rows += sweep("text: tweets_binary, MiniLM-L6", task, FLAGS.text_epochs, FLAGS.text_batch_size)
-        elif name == "image":
-            task = tasks.digits_transfer_task(seed=FLAGS.seed)
-            rows += sweep("image: digits 5-9, CNN pretrained on 0-4", task, FLAGS.image_epochs, FLAGS.image_batch_size)
+            rows += sweep("text: tweets_binary, MiniLM-L6", task, FLAGS.text_epochs, FLAGS.text_batch_size, done, save)
         else:
-            raise app.UsageError(f"Unknown task {name!r}: use text and/or image.")
-        with open(FLAGS.out + ".json", "w") as f:  # After each task: nothing lost on a crash.
-            json.dump({"flags": _own_flags(), "results": rows}, f, indent=1, default=str)
+            task = tasks.digits_transfer_task(seed=FLAGS.seed)
+            rows += sweep("image: digits 5-9, CNN pretrained on 0-4", task, FLAGS.image_epochs, FLAGS.image_batch_size,
+                          done, save)
+        save([])
     with open(FLAGS.out + ".md", "w") as f:
         f.write(markdown(rows))
     plot(rows, FLAGS.out + ".png")

@@ -164,18 +164,31 @@ def test_image_example_hub_path_with_local_vit_preset(tmp_path):
     assert model.output_shape[-1] == 10
 
 
-def test_utility_sweep_writes_table_json_and_plot(tmp_path):
+def test_utility_sweep_writes_table_json_and_plot_and_resumes(tmp_path, monkeypatch):
+    from absl import app
+
+    from dp_bitfit_keras import tasks
+
+    task = tasks.digits_transfer_task(pretrain_epochs=2, verbose=False)  # prepared once for the three calls
+    monkeypatch.setattr(tasks, "digits_transfer_task", lambda **kwargs: task)
     out = str(tmp_path / "utility")
-    _run_example("utility_sweep", ["--tasks=image", "--methods=bitfit_head,dp_bitfit_head",
-                                   "--epsilons=8,inf", "--image_epochs=1", "--repeats=2", f"--out={out}"], entry="run")
+    argv = ["--tasks=image", "--methods=bitfit_head,dp_bitfit_head", "--epsilons=8,inf", "--image_epochs=1", f"--out={out}"]
+    _run_example("utility_sweep", [*argv, "--repeats=1"], entry="run")
+    first = json.load(open(out + ".json"))["results"]
+    # Resumed with one more repeat: the finished runs are kept, only the missing one runs.
+    _run_example("utility_sweep", [*argv, "--repeats=2", "--resume"], entry="run")
     results = json.load(open(out + ".json"))["results"]
     # Repeats: private runs only (a non-private run has no noise to vary).
     assert [(r["method"], r["target_epsilon"]) for r in results] == [
         ("bitfit_head", float("inf")), ("dp_bitfit_head", 8.0), ("dp_bitfit_head", 8.0)]
+    assert results[:2] == first and results[2]["repeat"] == 1
     assert all(r["epsilon"] <= 8.0 + 1e-6 for r in results[1:])
     table = open(out + ".md").read()
     assert "| ε=8 | ε=inf |" in table and "dp_bitfit_head" in table and " (2) |" in table
     assert os.path.getsize(out + ".png") > 10_000
+    # Runs made with other settings are not mixed into one table.
+    with pytest.raises(app.UsageError, match="other run settings .*image_epochs"):
+        _run_example("utility_sweep", [*argv, "--image_epochs=2", "--resume"], entry="run")
 
 
 def test_recipes_reject_bad_runs():

@@ -275,6 +275,10 @@ def test_recipes_zero_head_starts_the_head_at_zero():
 
 
 def test_accuracy_study_searches_resumes_and_reports(tmp_path, monkeypatch):
+    from dp_bitfit_keras import tasks
+
+    task = tasks.digits_transfer_task(pretrain_epochs=2, verbose=False)
+    monkeypatch.setattr(tasks, "digits_transfer_task", lambda **kwargs: task)
     out = str(tmp_path / "study")
     with _example("accuracy_study") as study:
         # A two-stage plan of one-epoch digits runs: the search, the non-private search on the
@@ -283,16 +287,19 @@ def test_accuracy_study_searches_resumes_and_reports(tmp_path, monkeypatch):
         monkeypatch.setitem(study.PRIVATE_PLAN, "image", [("learning rate", [{}, {"lr_scale": 2.0}]),
                                                           ("head init", [{}, {"head_init": "zeros"}])])
         monkeypatch.setitem(study.NONPRIVATE_PLAN, "image", [("method", [{"method": "bitfit_head", "learning_rate": 2e-2}])])
+        monkeypatch.setitem(study.LOW_EPSILON_PLAN, "image", [("learning rate at ε=3", [{}, {"lr_scale": 0.5}])])
         argv = [study.__file__, "--tasks=image", f"--out={out}", "--image_repeats=1", "--epsilons=3,8",
-                "--phases=private,nonprivate,epsilons"]
+                "--phases=private,nonprivate,epsilons,low_epsilon"]
         flags.FLAGS.unparse_flags()
         flags.FLAGS(argv)
         try:
             study.main([])
             runs = [json.loads(line) for line in open(out + "_image.jsonl")]
             # 3 private configurations (base, lr x2, then zeros on the winner), 1 non-private
-            # run, and ε = 3 (ε = 8 is the winner's own run).
-            assert len(runs) == 3 + 1 + 1
+            # run, ε = 3 (ε = 8 is the winner's own run), and the ε = 3 re-tuning's one new
+            # option (its first option is that ε = 3 run).
+            assert len(runs) == 3 + 1 + 1 + 1
+            assert runs[-1]["stage"] == "private ε=3: learning rate at ε=3" and runs[-1]["config"]["epsilon"] == 3.0
             assert {r["config"]["head_init"] for r in runs} == {"random", "zeros"}
             assert all(r["epsilon"] <= r["config"].get("epsilon", float("inf")) + 1e-6 for r in runs)
             flags.FLAGS(argv)
@@ -302,6 +309,10 @@ def test_accuracy_study_searches_resumes_and_reports(tmp_path, monkeypatch):
             flags.FLAGS.unparse_flags()
     report = open(out + ".md").read()
     assert "✓" in report and "Chosen private configuration" in report and "non-private bitfit_head" in report
+    assert "| private ε=3 | learning rate at ε=3 |" in report
+    low = json.load(open(out + ".json"))["image"]["low_epsilon_best"]
+    assert low["epsilon"] == 3.0 and (low == dict(json.load(open(out + ".json"))["image"]["private_best"], epsilon=3.0)
+                                      or "re-tuned at ε=3" in report)
     summary = json.load(open(out + ".json"))["image"]
     chosen = summary["private_best"]
     scores = {}

@@ -58,6 +58,7 @@ DPZERO_CLIP = 200.0  # the paper's C for the per-example scalar
 # on text (both stayed at the majority class there).
 DEFAULT_LEARNING_RATES = {"all": 1e-4, "bias": 5e-3, "bias+head": 1e-2, "lora+head": 2e-3}
 LORA_RANK = 8
+LR_SCHEDULES = ("constant", "linear")
 DP_FULL_LEARNING_RATE = 5e-4
 
 
@@ -138,6 +139,7 @@ def train(
     seed: int = 0,
     noise_seed: int | None = None,
     head_init: str = "auto",
+    lr_schedule: str = "constant",
     verbose: int = 1,
     callbacks=(),
 ) -> RunResult:
@@ -165,6 +167,9 @@ def train(
             head: +2.4 and +6 points of validation accuracy on the text and digits tasks in
             the study), or `"auto"` (default): zeros for private methods that train the head,
             the model's own otherwise (bias-only training could not move a zero head).
+        lr_schedule: `"constant"` (default) or `"linear"`: the learning rate decays linearly
+            from `learning_rate` to 0 over the run's optimizer steps (DP-BiTFiT, DP full, DP-LoRA,
+            DPZero and the non-private methods; not the two-phase methods).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}; got {method!r}.")
@@ -180,11 +185,19 @@ def train(
         raise ValueError(f"gradient_accumulation_steps must be an int >= 1; got {k!r}.")
     if k > 1 and (not private or method == "dpzero"):
         raise ValueError(f"gradient_accumulation_steps applies to the gradient-based private methods, not {method}.")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}; got {lr_schedule!r}.")
+    if lr_schedule != "constant" and method in ("sparta", "sparta_signed", "two_phase"):
+        raise ValueError(f"lr_schedule={lr_schedule!r} is not supported for the two-phase method {method}.")
     keras.utils.set_random_seed(seed)
     x_train, y_train = train_data
     n = len(y_train)
     delta = delta or 1.0 / (2 * n)
     lr = learning_rate or default_learning_rate(method)
+    if lr_schedule == "linear":
+        # Optimizer steps of the run: Poisson batches (expected size batch_size) or fixed ones.
+        steps_per_epoch = max(1, round(n / batch_size)) if private else math.ceil(n / batch_size)
+        lr = keras.optimizers.schedules.PolynomialDecay(lr, decay_steps=epochs * steps_per_epoch, end_learning_rate=0.0)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     base = build_model()
     if head_init == "zeros":

@@ -6,7 +6,8 @@
 
 Each task has a base configuration (today's defaults) and a list of stages; a stage tries a few
 settings of one knob (learning rate, head initialisation, clipping style, batch size and
-epochs, sequence length, how many training examples, which method), each on top of the best
+epochs, sequence length, how many training examples, which method, a linearly decaying
+learning rate), each on top of the best
 configuration so far, and keeps the one with the best mean **validation** accuracy (a
 coordinate search; it is greedy, so interactions between knobs are only partly explored).
 Runs whose *estimated* wall time on a quiet machine exceeds `--budget_minutes` (what the
@@ -85,6 +86,8 @@ PRIVATE_PLAN = {
         # The whole corpus once at 48 tokens (at 64 it would exceed the 8-minute budget) vs three
         # epochs of the subset: about the same number of example passes.
         ("examples x epochs", [{}, {"epochs": 3}, {"train_examples": 0, "sequence_length": 48}]),
+        # Linear decay to 0 over the run (absent = constant: the recorded configurations keep their keys).
+        ("learning-rate schedule", [{}, {"lr_schedule": "linear"}]),
     ],
     "image": [
         ("method", [{}, {"method": "dp_full", "learning_rate": 2e-3}, {"method": "dp_lora", "learning_rate": 2e-3}]),
@@ -95,6 +98,7 @@ PRIVATE_PLAN = {
         ("batch x epochs", [{}, {"batch_size": 128, "epochs": 60}, {"batch_size": 256, "epochs": 100},
                             {"batch_size": 512, "epochs": 200}]),
         ("learning rate again", [{}, {"lr_scale": 0.5}, {"lr_scale": 2.0}]),
+        ("learning-rate schedule", [{}, {"lr_schedule": "linear"}]),
     ],
 }
 # Non-private search: each method at a few learning rates, then more epochs for the best.
@@ -103,6 +107,7 @@ NONPRIVATE_PLAN = {
         ("method and learning rate", [
             {"method": "bitfit_head", "learning_rate": 1e-2}, {"method": "full", "learning_rate": 5e-5},
             {"method": "full", "learning_rate": 1e-4}]),
+        ("learning-rate schedule", [{}, {"lr_schedule": "linear"}]),
         # Not searched here (time): non-private LoRA and more epochs; one epoch of non-private
         # full fine-tuning already beats every private run, so the gap below is a lower bound.
     ],
@@ -112,6 +117,7 @@ NONPRIVATE_PLAN = {
             {"method": "full", "learning_rate": 1e-3}, {"method": "full", "learning_rate": 3e-3},
             {"method": "lora", "learning_rate": 2e-3}, {"method": "lora", "learning_rate": 5e-3}]),
         ("epochs", [{}, {"epochs": 60}]),
+        ("learning-rate schedule", [{}, {"lr_schedule": "linear"}]),
     ],
 }
 NONPRIVATE_DATA_KNOBS = ("train_examples", "sequence_length")  # taken from the private winner
@@ -178,7 +184,7 @@ class Study:
                 config["method"], task.build_model, (train_x, train_y), task.splits.validation, task.splits.test,
                 epsilon=config.get("epsilon", 1.0), epochs=config["epochs"], batch_size=config["batch_size"],
                 l2_norm_clip=config["l2_norm_clip"], clipping=config["clipping"], learning_rate=config["learning_rate"],
-                head_init=config["head_init"], seed=0, verbose=0,
+                head_init=config["head_init"], lr_schedule=config.get("lr_schedule", "constant"), seed=0, verbose=0,
             )
             row = dict(key=self.key(config), config=config, stage=stage, repeat=repeat, wall_s=time.perf_counter() - start,
                        train_examples=len(train_y), **result.as_dict())

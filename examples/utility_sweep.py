@@ -56,6 +56,8 @@ flags.DEFINE_bool("resume", False, "Keep the runs already in <out>.json (written
                   "with other run settings (epochs, batch, seed, clipping, ...).")
 flags.DEFINE_float("l2_norm_clip", 1.0, "Clipping norm C of the private methods (recipes' default).")
 flags.DEFINE_enum("clipping", "abadi", ["abadi", "automatic"], "Clipping style (recipes' default: abadi).")
+flags.DEFINE_enum("lr_schedule", "constant", ["constant", "linear"], "Learning rate over each run (recipes.train; "
+                  "two-phase methods: constant only).")
 flags.DEFINE_enum("head_init", "auto", ["auto", "random", "zeros"], "Classifier head at start (recipes' default: auto). "
                   "Tables made before examples/accuracy_study.py used --l2_norm_clip=0.1 --clipping=automatic "
                   "--head_init=random.")
@@ -163,6 +165,7 @@ def _sweep_runs(task_name, task, epochs, batch_size, epsilons, scratch, done, sa
                     epsilon=eps if math.isfinite(eps) else 1.0, epochs=epochs, batch_size=batch_size,
                     learning_rate=task.learning_rate(method), seed=FLAGS.seed, noise_seed=FLAGS.noise_seed, verbose=0,
                     l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, head_init=FLAGS.head_init,
+                    lr_schedule=FLAGS.lr_schedule,
                 ).as_dict()
             row = dict(result, task=task_name, target_epsilon=eps, repeat=repeat)
             print(json.dumps({k: row[k] for k in ("method", "target_epsilon", "epsilon", "validation_accuracy", "test_accuracy", "ms_per_step")}), flush=True)
@@ -242,9 +245,10 @@ def _resumed_rows(flag_values):
         return []
     with open(path) as f:
         earlier = json.load(f)
-    ignore = {"resume", "methods", "epsilons", "repeats", "tasks"}  # the cells; rows are keyed by them
-    mismatched = sorted(k for k in set(flag_values) | set(earlier["flags"])
-                        if k not in ignore and earlier["flags"].get(k) != flag_values.get(k))
+    ignore = {"resume", "out", "methods", "epsilons", "repeats", "tasks"}  # the file; the cells (rows are keyed by them)
+    # A flag added since that file was written counts as having had its default there.
+    recorded = {k: earlier["flags"].get(k, FLAGS[k].default) for k in flag_values}
+    mismatched = sorted(k for k in flag_values if k not in ignore and recorded[k] != flag_values[k])
     if mismatched:
         raise app.UsageError(f"--resume: {path} was made with other run settings ({', '.join(mismatched)}); "
                              "use another --out or the same flags.")

@@ -59,6 +59,10 @@ DPZERO_CLIP = 200.0  # the paper's C for the per-example scalar
 DEFAULT_LEARNING_RATES = {"all": 1e-4, "bias": 5e-3, "bias+head": 1e-2, "lora+head": 2e-3}
 LORA_RANK = 8
 LR_SCHEDULES = ("constant", "linear")
+OPTIMIZERS = {  # inner optimizer by name (learning rate or schedule -> optimizer)
+    "adam": lambda lr: keras.optimizers.Adam(lr),
+    "sgd": lambda lr: keras.optimizers.SGD(lr, momentum=0.9),
+}
 DP_FULL_LEARNING_RATE = 5e-4
 
 
@@ -140,6 +144,7 @@ def train(
     noise_seed: int | None = None,
     head_init: str = "auto",
     lr_schedule: str = "constant",
+    optimizer: str = "adam",
     verbose: int = 1,
     callbacks=(),
 ) -> RunResult:
@@ -170,6 +175,9 @@ def train(
         lr_schedule: `"constant"` (default) or `"linear"`: the learning rate decays linearly
             from `learning_rate` to 0 over the run's optimizer steps (DP-BiTFiT, DP full, DP-LoRA,
             DPZero and the non-private methods; not the two-phase methods).
+        optimizer: `"adam"` (default) or `"sgd"` (momentum 0.9) for DP-BiTFiT, DP full,
+            DP-LoRA and the non-private methods; the two-phase methods use Adam and DPZero
+            plain SGD (its paper's update), whatever this says.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}; got {method!r}.")
@@ -189,6 +197,10 @@ def train(
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}; got {lr_schedule!r}.")
     if lr_schedule != "constant" and method in ("sparta", "sparta_signed", "two_phase"):
         raise ValueError(f"lr_schedule={lr_schedule!r} is not supported for the two-phase method {method}.")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}; got {optimizer!r}.")
+    if optimizer != "adam" and method in ("sparta", "sparta_signed", "two_phase", "dpzero"):
+        raise ValueError(f"optimizer={optimizer!r} is not supported for {method} (it has its own).")
     keras.utils.set_random_seed(seed)
     x_train, y_train = train_data
     n = len(y_train)
@@ -234,7 +246,7 @@ def train(
             inner, clip = keras.optimizers.SGD(lr), DPZERO_CLIP
         else:
             model = DPModel(base, trainable=trainable)
-            inner, clip = keras.optimizers.Adam(lr), l2_norm_clip
+            inner, clip = OPTIMIZERS[optimizer](lr), l2_norm_clip
         model.compile(
             optimizer=DPOptimizer(
                 inner, l2_norm_clip=clip, target_epsilon=epsilon,
@@ -249,7 +261,7 @@ def train(
         model = base
         selection = select_variables(model, trainable)
         apply_selection(model, selection)
-        model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, metrics=["accuracy"], jit_compile=True)
+        model.compile(optimizer=OPTIMIZERS[optimizer](lr), loss=loss, metrics=["accuracy"], jit_compile=True)
         model.fit(x_train, y_train, callbacks=[timer, *callbacks], **fit_kwargs)
     # SPARTA trains the kept entries of its kernels (and the head whole) only.
     num_trainable = sparse_trainable if method.startswith("sparta") else selection.num_trainable

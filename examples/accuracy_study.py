@@ -7,7 +7,7 @@
 Each task has a base configuration (today's defaults) and a list of stages; a stage tries a few
 settings of one knob (learning rate, head initialisation, clipping style, batch size and
 epochs, sequence length, how many training examples, which method, a linearly decaying
-learning rate), each on top of the best
+learning rate, and on the digits Adam vs SGD with momentum), each on top of the best
 configuration so far, and keeps the one with the best mean **validation** accuracy (a
 coordinate search; it is greedy, so interactions between knobs are only partly explored).
 Runs whose *estimated* wall time on a quiet machine exceeds `--budget_minutes` (what the
@@ -99,6 +99,9 @@ PRIVATE_PLAN = {
                             {"batch_size": 512, "epochs": 200}]),
         ("learning rate again", [{}, {"lr_scale": 0.5}, {"lr_scale": 2.0}]),
         ("learning-rate schedule", [{}, {"lr_schedule": "linear"}]),
+        # Absent = Adam. SGD with momentum 0.9 at a few rates (its scale differs from Adam's).
+        ("optimizer", [{}, {"optimizer": "sgd", "learning_rate": 0.03}, {"optimizer": "sgd", "learning_rate": 0.1},
+                       {"optimizer": "sgd", "learning_rate": 0.3}]),
     ],
 }
 # Non-private search: each method at a few learning rates, then more epochs for the best.
@@ -184,7 +187,8 @@ class Study:
                 config["method"], task.build_model, (train_x, train_y), task.splits.validation, task.splits.test,
                 epsilon=config.get("epsilon", 1.0), epochs=config["epochs"], batch_size=config["batch_size"],
                 l2_norm_clip=config["l2_norm_clip"], clipping=config["clipping"], learning_rate=config["learning_rate"],
-                head_init=config["head_init"], lr_schedule=config.get("lr_schedule", "constant"), seed=0, verbose=0,
+                head_init=config["head_init"], lr_schedule=config.get("lr_schedule", "constant"),
+                optimizer=config.get("optimizer", "adam"), seed=0, verbose=0,
             )
             row = dict(key=self.key(config), config=config, stage=stage, repeat=repeat, wall_s=time.perf_counter() - start,
                        train_examples=len(train_y), **result.as_dict())

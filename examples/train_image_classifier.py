@@ -36,6 +36,8 @@ flags.DEFINE_enum("head_init", "auto", ["auto", "random", "zeros"], "Classifier 
 flags.DEFINE_float("learning_rate", None, "Adam learning rate; default per method (tasks.DIGITS_LEARNING_RATES on the digits).")
 flags.DEFINE_enum("lr_schedule", "constant", ["constant", "linear"], "Learning rate over the run: constant, or "
                   "linear decay to 0 (recipes.train).")
+flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"], "Inner optimizer: Adam, or SGD with momentum 0.9 "
+                  "(recipes.train; the two-phase methods and DPZero keep their own).")
 flags.DEFINE_integer("max_examples", 0, "Use at most this many labelled examples (0: all).")
 flags.DEFINE_integer("image_size", 224, "Image size for hub presets (resized).")
 flags.DEFINE_integer("pretrain_epochs", 30, "Epochs of public pretraining (offline default).")
@@ -63,7 +65,7 @@ def run():
     result = recipes.train(
         method, build_model, data.train, data.validation, data.test,
         epsilon=FLAGS.epsilon, delta=FLAGS.delta, epochs=epochs, batch_size=batch_size,
-        l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, head_init=FLAGS.head_init, lr_schedule=FLAGS.lr_schedule, learning_rate=learning_rate,
+        l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, head_init=FLAGS.head_init, lr_schedule=FLAGS.lr_schedule, optimizer=FLAGS.optimizer, learning_rate=learning_rate,
         seed=FLAGS.seed, noise_seed=FLAGS.noise_seed, verbose=2,
     )
     export_dir = FLAGS.export_dir or recipes.default_export_dir(FLAGS.dataset, method, FLAGS.epsilon)

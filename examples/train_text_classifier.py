@@ -40,6 +40,8 @@ flags.DEFINE_enum("head_init", "auto", ["auto", "random", "zeros"], "Classifier 
 flags.DEFINE_float("learning_rate", None, "Adam learning rate; default per method (5e-3 for bias-only).")
 flags.DEFINE_enum("lr_schedule", "constant", ["constant", "linear"], "Learning rate over the run: constant, or "
                   "linear decay to 0 (recipes.train).")
+flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"], "Inner optimizer: Adam, or SGD with momentum 0.9 "
+                  "(recipes.train; the two-phase methods and DPZero keep their own).")
 flags.DEFINE_integer("gradient_accumulation_steps", 1, "Private methods: split each Poisson batch into this many "
                      "micro-batches, noise once per batch (same ε, ~1/k the memory; e.g. 4 for dp_full).")
 flags.DEFINE_integer("max_examples", 6000, "Use at most this many labelled examples (0: all).")
@@ -63,7 +65,7 @@ def run():
         FLAGS.method, task.build_model, *splits,
         epsilon=FLAGS.epsilon, delta=FLAGS.delta, epochs=FLAGS.epochs or (3 if recipes.METHODS[FLAGS.method][1] else 1),
         batch_size=FLAGS.batch_size,
-        l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, head_init=FLAGS.head_init, lr_schedule=FLAGS.lr_schedule, learning_rate=FLAGS.learning_rate or task.learning_rate(FLAGS.method),
+        l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, head_init=FLAGS.head_init, lr_schedule=FLAGS.lr_schedule, optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate or task.learning_rate(FLAGS.method),
         gradient_accumulation_steps=FLAGS.gradient_accumulation_steps, seed=FLAGS.seed, noise_seed=FLAGS.noise_seed,
     )
     export_dir = FLAGS.export_dir or recipes.default_export_dir(FLAGS.dataset, FLAGS.method, FLAGS.epsilon)

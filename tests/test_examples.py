@@ -263,25 +263,33 @@ def test_utility_sweep_peer_starts_from_our_model_and_is_accounted(tiny_preset, 
     assert 0.0 <= row["test_accuracy"] <= 1.0
 
 
-@pytest.mark.parametrize("method", ["dp_bitfit_head", "bitfit_head"])
-def test_recipes_linear_schedule_decays_to_zero_over_the_run(method):
+@pytest.mark.parametrize("method, optimizer", [("dp_bitfit_head", "sgd"), ("bitfit_head", "adam")])
+def test_recipes_linear_schedule_decays_to_zero_over_the_run(method, optimizer):
     from dp_bitfit_keras import recipes
 
     rng = np.random.default_rng(0)
     data = (rng.normal(size=(64, 3)).astype("float32"), rng.integers(0, 2, 64).astype("int32"))
     build = lambda: keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2, name="logits")])  # noqa: E731
     result = recipes.train(method, build, data, data, data, epochs=3, batch_size=16, learning_rate=0.1,
-                           lr_schedule="linear", verbose=0)
-    optimizer = result.model.optimizer
-    steps = int(optimizer.iterations.numpy())
+                           lr_schedule="linear", optimizer=optimizer, verbose=0)
+    trained = result.model.optimizer
+    inner = trained.inner_optimizer if method.startswith("dp_") else trained
+    assert isinstance(inner, keras.optimizers.SGD if optimizer == "sgd" else keras.optimizers.Adam)
+    if optimizer == "sgd":
+        assert inner.momentum == 0.9
+    steps = int(trained.iterations.numpy())
     assert steps == 3 * 4  # Poisson batches of expected size 16 (or fixed ones) over 64 examples, 3 epochs
-    assert float(optimizer.learning_rate.numpy()) == pytest.approx(0.0, abs=1e-9)  # the end of the decay
-    schedule = optimizer.inner_optimizer._learning_rate if method.startswith("dp_") else optimizer._learning_rate
+    assert float(trained.learning_rate.numpy()) == pytest.approx(0.0, abs=1e-9)  # the end of the decay
+    schedule = inner._learning_rate
     assert float(schedule(0)) == pytest.approx(0.1) and float(schedule(6)) == pytest.approx(0.05)
     with pytest.raises(ValueError, match="lr_schedule"):
         recipes.train("sparta", build, data, data, data, lr_schedule="linear")
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
         recipes.train(method, build, data, data, data, lr_schedule="cosine")
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        recipes.train(method, build, data, data, data, optimizer="rmsprop")
+    with pytest.raises(ValueError, match="its own"):
+        recipes.train("dpzero", build, data, data, data, optimizer="sgd")
 
 
 def test_recipes_zero_head_starts_the_head_at_zero():

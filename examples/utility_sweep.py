@@ -271,9 +271,13 @@ def run():
     done = _resumed_rows(flag_values) if FLAGS.resume else []
     rows = []
 
+    def with_untouched(current):  # a resumed file's rows outside this invocation's cells stay in it
+        keys = {_key(r) for r in current}
+        return current + [r for r in done if _key(r) not in keys]
+
     def save(task_rows):  # After every run: nothing lost on a crash (--resume picks up from here).
         with open(FLAGS.out + ".json", "w") as f:
-            json.dump({"flags": flag_values, "results": rows + task_rows}, f, indent=1, default=str)
+            json.dump({"flags": flag_values, "results": with_untouched(rows + task_rows)}, f, indent=1, default=str)
 
     for name in FLAGS.tasks:
         if name == "text":
@@ -284,6 +288,7 @@ def run():
             rows += sweep("image: digits 5-9, CNN pretrained on 0-4", task, FLAGS.image_epochs, FLAGS.image_batch_size,
                           done, save)
         save([])
+    rows = with_untouched(rows)
     with open(FLAGS.out + ".md", "w") as f:
         f.write(markdown(rows))
     plot(rows, FLAGS.out + ".png")

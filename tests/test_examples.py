@@ -172,12 +172,16 @@ def test_utility_sweep_writes_table_json_and_plot_and_resumes(tmp_path, monkeypa
     task = tasks.digits_transfer_task(pretrain_epochs=2, verbose=False)  # prepared once for the three calls
     monkeypatch.setattr(tasks, "digits_transfer_task", lambda **kwargs: task)
     out = str(tmp_path / "utility")
-    argv = ["--tasks=image", "--methods=bitfit_head,dp_bitfit_head", "--epsilons=8,inf", "--image_epochs=1", f"--out={out}"]
-    _run_example("utility_sweep", [*argv, "--repeats=1"], entry="run")
+    argv = ["--tasks=image", "--epsilons=8,inf", "--image_epochs=1", f"--out={out}"]
+    methods = "--methods=bitfit_head,dp_bitfit_head"
+    _run_example("utility_sweep", [*argv, methods, "--repeats=1"], entry="run")
     first = json.load(open(out + ".json"))["results"]
     # Resumed with one more repeat: the finished runs are kept, only the missing one runs.
-    _run_example("utility_sweep", [*argv, "--repeats=2", "--resume"], entry="run")
+    _run_example("utility_sweep", [*argv, methods, "--repeats=2", "--resume"], entry="run")
     results = json.load(open(out + ".json"))["results"]
+    # Resumed for fewer cells (nothing to run): the file keeps the others' runs.
+    _run_example("utility_sweep", [*argv, "--methods=bitfit_head", "--resume"], entry="run")
+    assert json.load(open(out + ".json"))["results"] == results
     # Repeats: private runs only (a non-private run has no noise to vary).
     assert [(r["method"], r["target_epsilon"]) for r in results] == [
         ("bitfit_head", float("inf")), ("dp_bitfit_head", 8.0), ("dp_bitfit_head", 8.0)]
@@ -188,7 +192,7 @@ def test_utility_sweep_writes_table_json_and_plot_and_resumes(tmp_path, monkeypa
     assert os.path.getsize(out + ".png") > 10_000
     # Runs made with other settings are not mixed into one table.
     with pytest.raises(app.UsageError, match="other run settings .*image_epochs"):
-        _run_example("utility_sweep", [*argv, "--image_epochs=2", "--resume"], entry="run")
+        _run_example("utility_sweep", [*argv, methods, "--image_epochs=2", "--resume"], entry="run")
 
 
 def test_recipes_reject_bad_runs():

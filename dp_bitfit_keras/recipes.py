@@ -66,6 +66,18 @@ OPTIMIZERS = {  # inner optimizer by name (learning rate or schedule -> optimize
 DP_FULL_LEARNING_RATE = 5e-4
 
 
+def optimizer_for(method: str, requested: str | None, learning_rate: float | None, default: str = "adam") -> str:
+    """The inner optimizer of a run: `requested`, or `default` (the one the method's default
+    learning rate is tuned for). Refuses another optimizer with that default rate: Adam's and
+    SGD's step sizes differ by an order of magnitude."""
+    if requested is None or requested == default:
+        return default
+    if learning_rate is None:
+        raise ValueError(f"optimizer={requested!r} for {method}: give its learning rate too (the default rate is "
+                         f"{default!r}'s).")
+    return requested
+
+
 def default_learning_rate(method: str) -> float:
     if method in SPECIAL_LEARNING_RATES:
         return SPECIAL_LEARNING_RATES[method]

@@ -38,7 +38,8 @@ flags.DEFINE_enum("method", "dp_full", ["dp_full", "dp_bitfit_head", "dp_lora"],
 flags.DEFINE_float("epsilon", 8.0, "Target ε.")
 flags.DEFINE_integer("epochs", 30, "Epochs.")
 flags.DEFINE_integer("batch_size", 256, "Expected global batch size (Poisson), split over all replicas.")
-flags.DEFINE_float("learning_rate", None, "Adam learning rate; default: the method's digits default.")
+flags.DEFINE_float("learning_rate", None, "Learning rate; default: the method's digits default (with its optimizer: "
+                   "SGD with momentum for dp_full, Adam otherwise).")
 flags.DEFINE_integer("gradient_accumulation_steps", 1, "Chunks of each global batch per replica (memory).")
 flags.DEFINE_integer("pretrain_epochs", 30, "Epochs of the public pretraining (digits 0-4), on every worker.")
 flags.DEFINE_string("backup_dir", None, "keras.callbacks.BackupAndRestore directory (one subdirectory per worker).")
@@ -89,6 +90,7 @@ def train():
     (x, y), validation, test = task.splits.train, task.splits.validation, task.splits.test
     trainable = recipes.METHODS[FLAGS.method][0]
     learning_rate = FLAGS.learning_rate or task.learning_rate(FLAGS.method)
+    optimizer = task.optimizer(FLAGS.method)  # the one the default learning rate is for
     delta = 1.0 / (2 * len(y))
 
     class Timer(keras.callbacks.Callback):
@@ -112,7 +114,7 @@ def train():
             dpk.enable_lora(base, recipes.LORA_RANK)
         model = dpk.DPModel(base, trainable=trainable)
         model.compile(
-            optimizer=dpk.DPOptimizer(keras.optimizers.Adam(learning_rate), 1.0, target_epsilon=FLAGS.epsilon,
+            optimizer=dpk.DPOptimizer(recipes.OPTIMIZERS[optimizer](learning_rate), 1.0, target_epsilon=FLAGS.epsilon,
                                       target_delta=delta, clipping="abadi",
                                       gradient_accumulation_steps=FLAGS.gradient_accumulation_steps),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"],

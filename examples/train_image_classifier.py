@@ -33,11 +33,13 @@ flags.DEFINE_float("l2_norm_clip", 1.0, "Per-example clipping norm C (default fr
 flags.DEFINE_enum("clipping", "abadi", ["automatic", "abadi"], "Clipping style (Abadi: clip to C; automatic: normalize to C).")
 flags.DEFINE_enum("head_init", "auto", ["auto", "random", "zeros"], "Classifier head kernel at start; auto: zeros for "
                   "private methods that train the head (examples/accuracy_study.py), the model's own otherwise.")
-flags.DEFINE_float("learning_rate", None, "Adam learning rate; default per method (tasks.DIGITS_LEARNING_RATES on the digits).")
+flags.DEFINE_float("learning_rate", None, "Learning rate; default per method (tasks.DIGITS_LEARNING_RATES on the digits, "
+                   "for the optimizer of --optimizer's default).")
 flags.DEFINE_enum("lr_schedule", "constant", ["constant", "linear"], "Learning rate over the run: constant, or "
                   "linear decay to 0 (recipes.train).")
-flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"], "Inner optimizer: Adam, or SGD with momentum 0.9 "
-                  "(recipes.train; the two-phase methods and DPZero keep their own).")
+flags.DEFINE_enum("optimizer", None, ["adam", "sgd"], "Inner optimizer: Adam, or SGD with momentum 0.9 "
+                  "(recipes.train; the two-phase methods and DPZero keep their own). Default: the one the method's "
+                  "default learning rate is for (Adam; SGD for dp_full on the offline digits).")
 flags.DEFINE_integer("max_examples", 0, "Use at most this many labelled examples (0: all).")
 flags.DEFINE_integer("image_size", 224, "Image size for hub presets (resized).")
 flags.DEFINE_integer("pretrain_epochs", 30, "Epochs of public pretraining (offline default).")
@@ -55,6 +57,11 @@ def run():
     method = FLAGS.method or ("dp_full" if digits else "dp_bitfit_head")
     epochs = FLAGS.epochs or (100 if digits else 30)
     batch_size = FLAGS.batch_size or (256 if digits else 64)
+    try:  # before any work: the optimizer the default learning rate is for, or one with its own rate
+        optimizer = recipes.optimizer_for(method, FLAGS.optimizer, FLAGS.learning_rate,
+                                          tasks.DIGITS_OPTIMIZERS.get(method, "adam") if digits else "adam")
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     if digits:
         task = tasks.digits_transfer_task(FLAGS.pretrain_epochs, FLAGS.seed)
     else:
@@ -65,13 +72,14 @@ def run():
     result = recipes.train(
         method, build_model, data.train, data.validation, data.test,
         epsilon=FLAGS.epsilon, delta=FLAGS.delta, epochs=epochs, batch_size=batch_size,
-        l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, head_init=FLAGS.head_init, lr_schedule=FLAGS.lr_schedule, optimizer=FLAGS.optimizer, learning_rate=learning_rate,
+        l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, head_init=FLAGS.head_init, lr_schedule=FLAGS.lr_schedule, optimizer=optimizer, learning_rate=learning_rate,
         seed=FLAGS.seed, noise_seed=FLAGS.noise_seed, verbose=2,
     )
     export_dir = FLAGS.export_dir or recipes.default_export_dir(FLAGS.dataset, method, FLAGS.epsilon)
     model = result.base_model
     model.export(export_dir, format="tf_saved_model", verbose=False)
-    summary = dict(result.as_dict(), dataset=FLAGS.dataset, preset=FLAGS.preset, export_dir=export_dir)
+    summary = dict(result.as_dict(), dataset=FLAGS.dataset, preset=FLAGS.preset, export_dir=export_dir,
+                   optimizer=optimizer, learning_rate=learning_rate)
     recipes.print_summary(result, export_dir, "(serving_default: float32 images in [0, 1])")
     if FLAGS.summary_json:
         with open(FLAGS.summary_json, "w") as f:

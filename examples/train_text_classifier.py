@@ -37,11 +37,12 @@ flags.DEFINE_float("l2_norm_clip", 1.0, "Per-example clipping norm C (default fr
 flags.DEFINE_enum("clipping", "abadi", ["automatic", "abadi"], "Clipping style (Abadi: clip to C; automatic: normalize to C).")
 flags.DEFINE_enum("head_init", "auto", ["auto", "random", "zeros"], "Classifier head kernel at start; auto: zeros for "
                   "private methods that train the head (examples/accuracy_study.py), the model's own otherwise.")
-flags.DEFINE_float("learning_rate", None, "Adam learning rate; default per method (5e-3 for bias-only).")
+flags.DEFINE_float("learning_rate", None, "Learning rate; default per method, Adam's (5e-3 for bias-only).")
 flags.DEFINE_enum("lr_schedule", "constant", ["constant", "linear"], "Learning rate over the run: constant, or "
                   "linear decay to 0 (recipes.train).")
-flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"], "Inner optimizer: Adam, or SGD with momentum 0.9 "
-                  "(recipes.train; the two-phase methods and DPZero keep their own).")
+flags.DEFINE_enum("optimizer", None, ["adam", "sgd"], "Inner optimizer: Adam, or SGD with momentum 0.9 "
+                  "(recipes.train; the two-phase methods and DPZero keep their own). Default: the one the method's "
+                  "default learning rate is for (Adam; SGD for dp_full on the offline digits).")
 flags.DEFINE_integer("gradient_accumulation_steps", 1, "Private methods: split each Poisson batch into this many "
                      "micro-batches, noise once per batch (same ε, ~1/k the memory; e.g. 4 for dp_full).")
 flags.DEFINE_integer("max_examples", 6000, "Use at most this many labelled examples (0: all).")
@@ -57,6 +58,10 @@ flags.DEFINE_integer("noise_seed", None, "Private methods: make the DP noise and
 def run():
     """Trains, exports and prints the summary; returns (summary dict, trained model, preprocessor)."""
     start = time.perf_counter()
+    try:  # before any work: Adam (what the default learning rates are for), or another with its own rate
+        optimizer = recipes.optimizer_for(FLAGS.method, FLAGS.optimizer, FLAGS.learning_rate)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     task = tasks.text_task(FLAGS.preset, FLAGS.dataset, FLAGS.max_examples or None, FLAGS.sequence_length, FLAGS.pooling)
     data, preprocessor = task.splits, task.preprocessor
     splits = (data.train, data.validation, data.test)
@@ -65,7 +70,8 @@ def run():
         FLAGS.method, task.build_model, *splits,
         epsilon=FLAGS.epsilon, delta=FLAGS.delta, epochs=FLAGS.epochs or (3 if recipes.METHODS[FLAGS.method][1] else 1),
         batch_size=FLAGS.batch_size,
-        l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, head_init=FLAGS.head_init, lr_schedule=FLAGS.lr_schedule, optimizer=FLAGS.optimizer, learning_rate=FLAGS.learning_rate or task.learning_rate(FLAGS.method),
+        l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, head_init=FLAGS.head_init, lr_schedule=FLAGS.lr_schedule, optimizer=optimizer,
+        learning_rate=FLAGS.learning_rate or task.learning_rate(FLAGS.method),
         gradient_accumulation_steps=FLAGS.gradient_accumulation_steps, seed=FLAGS.seed, noise_seed=FLAGS.noise_seed,
     )
     export_dir = FLAGS.export_dir or recipes.default_export_dir(FLAGS.dataset, FLAGS.method, FLAGS.epsilon)

@@ -58,7 +58,6 @@ flags.DEFINE_float("l2_norm_clip", 1.0, "Clipping norm C of the private methods 
 flags.DEFINE_enum("clipping", "abadi", ["abadi", "automatic"], "Clipping style (recipes' default: abadi).")
 flags.DEFINE_enum("lr_schedule", "constant", ["constant", "linear"], "Learning rate over each run (recipes.train; "
                   "two-phase methods: constant only).")
-flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"], "Inner optimizer of each run (recipes.train).")
 flags.DEFINE_enum("head_init", "auto", ["auto", "random", "zeros"], "Classifier head at start (recipes' default: auto). "
                   "Tables made before examples/accuracy_study.py used --l2_norm_clip=0.1 --clipping=automatic "
                   "--head_init=random.")
@@ -166,7 +165,7 @@ def _sweep_runs(task_name, task, epochs, batch_size, epsilons, scratch, done, sa
                     epsilon=eps if math.isfinite(eps) else 1.0, epochs=epochs, batch_size=batch_size,
                     learning_rate=task.learning_rate(method), seed=FLAGS.seed, noise_seed=FLAGS.noise_seed, verbose=0,
                     l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, head_init=FLAGS.head_init,
-                    lr_schedule=FLAGS.lr_schedule, optimizer=FLAGS.optimizer,
+                    lr_schedule=FLAGS.lr_schedule, optimizer=task.optimizer(method),
                 ).as_dict()
             row = dict(result, task=task_name, target_epsilon=eps, repeat=repeat)
             print(json.dumps({k: row[k] for k in ("method", "target_epsilon", "epsilon", "validation_accuracy", "test_accuracy", "ms_per_step")}), flush=True)

@@ -14,7 +14,7 @@ import keras_hub
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from absl import flags
+from absl import app, flags
 
 import dp_bitfit_keras as dpk
 from dp_bitfit_keras import text
@@ -142,6 +142,10 @@ def test_image_example_offline_digits_transfer(tmp_path):
         "--pretrain_epochs=2", "--epochs=1", f"--export_dir={export_dir}", "--epsilon=4",
     ])
     assert summary["method"] == "dp_full" and 0 < summary["epsilon"] <= 4.0 + 1e-6  # the digits default (study)
+    assert (summary["optimizer"], summary["learning_rate"]) == ("sgd", 0.1)  # and its optimizer and rate
+    # Another optimizer with the default rate (meant for SGD) is refused before any work.
+    with pytest.raises(app.UsageError, match="give its learning rate too"):
+        _run_example("train_image_classifier", ["--optimizer=adam"])
     from dp_bitfit_keras import datasets
 
     images = datasets.digits()[0][:5]

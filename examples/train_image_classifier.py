@@ -35,8 +35,9 @@ flags.DEFINE_enum("head_init", "auto", ["auto", "random", "zeros"], "Classifier 
                   "private methods that train the head (examples/accuracy_study.py), the model's own otherwise.")
 flags.DEFINE_float("learning_rate", None, "Learning rate; default per method (tasks.DIGITS_LEARNING_RATES on the digits, "
                    "for the optimizer of --optimizer's default).")
-flags.DEFINE_enum("lr_schedule", "constant", ["constant", "linear"], "Learning rate over the run: constant, or "
-                  "linear decay to 0 (recipes.train).")
+flags.DEFINE_enum("lr_schedule", None, ["constant", "linear"], "Learning rate over the run: constant, or "
+                  "linear decay to 0 (recipes.train). Default: the task's choice for the method (the offline text "
+                  "task's dp_bitfit_head: linear; otherwise constant).")
 flags.DEFINE_enum("optimizer", None, ["adam", "sgd"], "Inner optimizer: Adam, or SGD with momentum 0.9 "
                   "(recipes.train; the two-phase methods and DPZero keep their own). Default: the one the method's "
                   "default learning rate is for (Adam; SGD for dp_full on the offline digits).")
@@ -69,17 +70,18 @@ def run():
     build_model, data = task.build_model, task.splits
     print(f"{FLAGS.dataset}: {[len(y) for _, y in (data.train, data.validation, data.test)]} private train/validation/test images")
     learning_rate = FLAGS.learning_rate or task.learning_rate(method)
+    lr_schedule = FLAGS.lr_schedule or task.lr_schedule(method)
     result = recipes.train(
         method, build_model, data.train, data.validation, data.test,
         epsilon=FLAGS.epsilon, delta=FLAGS.delta, epochs=epochs, batch_size=batch_size,
-        l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, head_init=FLAGS.head_init, lr_schedule=FLAGS.lr_schedule, optimizer=optimizer, learning_rate=learning_rate,
+        l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, head_init=FLAGS.head_init, lr_schedule=lr_schedule, optimizer=optimizer, learning_rate=learning_rate,
         seed=FLAGS.seed, noise_seed=FLAGS.noise_seed, verbose=2,
     )
     export_dir = FLAGS.export_dir or recipes.default_export_dir(FLAGS.dataset, method, FLAGS.epsilon)
     model = result.base_model
     model.export(export_dir, format="tf_saved_model", verbose=False)
     summary = dict(result.as_dict(), dataset=FLAGS.dataset, preset=FLAGS.preset, export_dir=export_dir,
-                   optimizer=optimizer, learning_rate=learning_rate)
+                   optimizer=optimizer, learning_rate=learning_rate, lr_schedule=lr_schedule)
     recipes.print_summary(result, export_dir, "(serving_default: float32 images in [0, 1])")
     if FLAGS.summary_json:
         with open(FLAGS.summary_json, "w") as f:

@@ -38,8 +38,9 @@ flags.DEFINE_enum("clipping", "abadi", ["automatic", "abadi"], "Clipping style (
 flags.DEFINE_enum("head_init", "auto", ["auto", "random", "zeros"], "Classifier head kernel at start; auto: zeros for "
                   "private methods that train the head (examples/accuracy_study.py), the model's own otherwise.")
 flags.DEFINE_float("learning_rate", None, "Learning rate; default per method, Adam's (5e-3 for bias-only).")
-flags.DEFINE_enum("lr_schedule", "constant", ["constant", "linear"], "Learning rate over the run: constant, or "
-                  "linear decay to 0 (recipes.train).")
+flags.DEFINE_enum("lr_schedule", None, ["constant", "linear"], "Learning rate over the run: constant, or "
+                  "linear decay to 0 (recipes.train). Default: the task's choice for the method (the offline text "
+                  "task's dp_bitfit_head: linear; otherwise constant).")
 flags.DEFINE_enum("optimizer", None, ["adam", "sgd"], "Inner optimizer: Adam, or SGD with momentum 0.9 "
                   "(recipes.train; the two-phase methods and DPZero keep their own). Default: the one the method's "
                   "default learning rate is for (Adam; SGD for dp_full on the offline digits).")
@@ -66,13 +67,14 @@ def run():
     data, preprocessor = task.splits, task.preprocessor
     splits = (data.train, data.validation, data.test)
     print(f"{FLAGS.dataset}: {[len(y) for _, y in splits]} train/validation/test examples, classes {data.class_names}")
+    settings = dict(optimizer=optimizer, learning_rate=FLAGS.learning_rate or task.learning_rate(FLAGS.method),
+                    lr_schedule=FLAGS.lr_schedule or task.lr_schedule(FLAGS.method))
     result = recipes.train(
         FLAGS.method, task.build_model, *splits,
         epsilon=FLAGS.epsilon, delta=FLAGS.delta, epochs=FLAGS.epochs or (3 if recipes.METHODS[FLAGS.method][1] else 1),
-        batch_size=FLAGS.batch_size,
-        l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, head_init=FLAGS.head_init, lr_schedule=FLAGS.lr_schedule, optimizer=optimizer,
-        learning_rate=FLAGS.learning_rate or task.learning_rate(FLAGS.method),
+        batch_size=FLAGS.batch_size, l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, head_init=FLAGS.head_init,
         gradient_accumulation_steps=FLAGS.gradient_accumulation_steps, seed=FLAGS.seed, noise_seed=FLAGS.noise_seed,
+        **settings,
     )
     export_dir = FLAGS.export_dir or recipes.default_export_dir(FLAGS.dataset, FLAGS.method, FLAGS.epsilon)
     model = result.base_model
@@ -80,7 +82,7 @@ def run():
     tokens_dir = text.tokens_export_dir(export_dir)  # the same model for clients without TF Text
 
     summary = dict(result.as_dict(), dataset=FLAGS.dataset, preset=FLAGS.preset, export_dir=export_dir,
-                   tokens_export_dir=tokens_dir)
+                   tokens_export_dir=tokens_dir, **settings)
     recipes.print_summary(result, export_dir, f"(uv run python examples/predict.py --model_dir={export_dir} 'some text')")
     print(f"Tokens-only model:   {tokens_dir}  (plain TF ops: no tensorflow_text needed; assets/vocab.txt)")
     summary["wall_s"] = time.perf_counter() - start  # data, model, training, evaluation, export

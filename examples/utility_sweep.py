@@ -56,8 +56,8 @@ flags.DEFINE_bool("resume", False, "Keep the runs already in <out>.json (written
                   "with other run settings (epochs, batch, seed, clipping, ...).")
 flags.DEFINE_float("l2_norm_clip", 1.0, "Clipping norm C of the private methods (recipes' default).")
 flags.DEFINE_enum("clipping", "abadi", ["abadi", "automatic"], "Clipping style (recipes' default: abadi).")
-flags.DEFINE_enum("lr_schedule", "constant", ["constant", "linear"], "Learning rate over each run (recipes.train; "
-                  "two-phase methods: constant only).")
+flags.DEFINE_enum("lr_schedule", None, ["constant", "linear"], "Learning rate over each run (recipes.train; "
+                  "two-phase methods: constant only). Default: the task's choice per method (Task.lr_schedule).")
 flags.DEFINE_enum("head_init", "auto", ["auto", "random", "zeros"], "Classifier head at start (recipes' default: auto). "
                   "Tables made before examples/accuracy_study.py used --l2_norm_clip=0.1 --clipping=automatic "
                   "--head_init=random.")
@@ -160,13 +160,16 @@ def _sweep_runs(task_name, task, epochs, batch_size, epsilons, scratch, done, sa
                     write_peer_task(task, task_file, FLAGS.seed)
                 result = peer_run(task, task_file, method, eps, epochs, batch_size)
             else:
+                # Recorded with each run: what it trained with.
+                settings = dict(learning_rate=task.learning_rate(method), optimizer=task.optimizer(method),
+                                lr_schedule=FLAGS.lr_schedule or task.lr_schedule(method))
                 result = recipes.train(
                     method, task.build_model, task.splits.train, task.splits.validation, task.splits.test,
                     epsilon=eps if math.isfinite(eps) else 1.0, epochs=epochs, batch_size=batch_size,
-                    learning_rate=task.learning_rate(method), seed=FLAGS.seed, noise_seed=FLAGS.noise_seed, verbose=0,
-                    l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, head_init=FLAGS.head_init,
-                    lr_schedule=FLAGS.lr_schedule, optimizer=task.optimizer(method),
+                    seed=FLAGS.seed, noise_seed=FLAGS.noise_seed, verbose=0,
+                    l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, head_init=FLAGS.head_init, **settings,
                 ).as_dict()
+                result.update(settings)
             row = dict(result, task=task_name, target_epsilon=eps, repeat=repeat)
             print(json.dumps({k: row[k] for k in ("method", "target_epsilon", "epsilon", "validation_accuracy", "test_accuracy", "ms_per_step")}), flush=True)
             rows.append(row)

@@ -69,6 +69,8 @@ def test_text_example_trains_exports_and_serves(tiny_preset, tmp_path, method):
             f"--summary_json={tmp_path / 'run.json'}",
         ])
     assert summary["export_dir"] == export_dir and summary["steps"] > 0
+    # The text study's choice for the private default: a linearly decaying rate; Adam throughout.
+    assert (summary["lr_schedule"], summary["optimizer"]) == ("linear" if method == "dp_bitfit_head" else "constant", "adam")
     assert json.load(open(tmp_path / "run.json"))["wall_s"] > 0
     row = open(tmp_path / "run.md").read().splitlines()[-1]
     assert row.startswith(f"| {method} | 80/10/10 |") and f"{100 * summary['test_accuracy']:.1f}" in row

@@ -34,7 +34,7 @@ flags.DEFINE_enum("clipping", "abadi", ["automatic", "abadi"], "Clipping style (
 flags.DEFINE_enum("head_init", "auto", ["auto", "random", "zeros"], "Classifier head kernel at start; auto: zeros for "
                   "private methods that train the head (examples/accuracy_study.py), the model's own otherwise.")
 flags.DEFINE_float("learning_rate", None, "Learning rate; default per method (tasks.DIGITS_LEARNING_RATES on the digits, "
-                   "for the optimizer of --optimizer's default).")
+                   "DIGITS_LOW_EPSILON_LEARNING_RATES at ε <= 3; for the optimizer of --optimizer's default).")
 flags.DEFINE_enum("lr_schedule", None, ["constant", "linear"], "Learning rate over the run: constant, or "
                   "linear decay to 0 (recipes.train). Default: the task's choice for the method (the offline text "
                   "task's dp_bitfit_head: linear; otherwise constant).")
@@ -70,6 +70,8 @@ def run():
     build_model, data = task.build_model, task.splits
     print(f"{FLAGS.dataset}: {[len(y) for _, y in (data.train, data.validation, data.test)]} private train/validation/test images")
     learning_rate = FLAGS.learning_rate or task.learning_rate(method)
+    if digits and not FLAGS.learning_rate and FLAGS.epsilon <= tasks.LOW_EPSILON:
+        learning_rate = tasks.DIGITS_LOW_EPSILON_LEARNING_RATES.get(method, learning_rate)
     lr_schedule = FLAGS.lr_schedule or task.lr_schedule(method)
     result = recipes.train(
         method, build_model, data.train, data.validation, data.test,

@@ -141,10 +141,10 @@ def _serve_images(export_dir, images):
 def test_image_example_offline_digits_transfer(tmp_path):
     export_dir = str(tmp_path / "digits" / "1")
     summary, model = _run_example("train_image_classifier", [
-        "--pretrain_epochs=2", "--epochs=1", f"--export_dir={export_dir}", "--epsilon=4",
+        "--pretrain_epochs=2", "--epochs=1", f"--export_dir={export_dir}", "--epsilon=3",
     ])
-    assert summary["method"] == "dp_full" and 0 < summary["epsilon"] <= 4.0 + 1e-6  # the digits default (study)
-    assert (summary["optimizer"], summary["learning_rate"]) == ("sgd", 0.1)  # and its optimizer and rate
+    assert summary["method"] == "dp_full" and 0 < summary["epsilon"] <= 3.0 + 1e-6  # the digits default (study)
+    assert (summary["optimizer"], summary["learning_rate"]) == ("sgd", 0.05)  # and its optimizer and rate at ε <= 3
     # Another optimizer with the default rate (meant for SGD) is refused before any work.
     with pytest.raises(app.UsageError, match="give its learning rate too"):
         _run_example("train_image_classifier", ["--optimizer=adam"])

@@ -21,7 +21,13 @@ class Task:
     optimizers: dict = dataclasses.field(default_factory=dict)  # Per-method inner optimizer (default "adam").
     lr_schedules: dict = dataclasses.field(default_factory=dict)  # Per-method schedule (default "constant").
 
-    def learning_rate(self, method: str) -> float:
+    low_epsilon_learning_rates: dict = dataclasses.field(default_factory=dict)  # Used at ε <= LOW_EPSILON.
+
+    def learning_rate(self, method: str, epsilon: float | None = None) -> float:
+        """The default rate of `method` (for `optimizer(method)`); at a target ε <= LOW_EPSILON the
+        task's re-tuned rate, if it has one."""
+        if epsilon is not None and epsilon <= LOW_EPSILON and method in self.low_epsilon_learning_rates:
+            return self.low_epsilon_learning_rates[method]
         return self.learning_rates.get(method) or recipes.default_learning_rate(method)
 
     def optimizer(self, method: str) -> str:
@@ -107,7 +113,8 @@ def digits_transfer_task(pretrain_epochs: int = 30, seed: int = 0, verbose: bool
         return keras.Model(clone.inputs, keras.layers.Dense(5, name="logits")(clone.output))
 
     splits = datasets.split_80_10_10(x[~public], y[~public] - 5, [str(d) for d in range(5, 10)])
-    return Task(build_model, splits, learning_rates=DIGITS_LEARNING_RATES, optimizers=DIGITS_OPTIMIZERS)
+    return Task(build_model, splits, learning_rates=DIGITS_LEARNING_RATES, optimizers=DIGITS_OPTIMIZERS,
+                low_epsilon_learning_rates=DIGITS_LOW_EPSILON_LEARNING_RATES)
 
 
 def hub_image_task(preset: str, dataset: str, image_size: int = 224, max_examples=None, seed: int = 0) -> Task:

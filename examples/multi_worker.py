@@ -89,7 +89,7 @@ def train():
     task = tasks.digits_transfer_task(FLAGS.pretrain_epochs, verbose=index == 0)  # the same public pretraining on every worker
     (x, y), validation, test = task.splits.train, task.splits.validation, task.splits.test
     trainable = recipes.METHODS[FLAGS.method][0]
-    learning_rate = FLAGS.learning_rate or task.learning_rate(FLAGS.method)
+    learning_rate = FLAGS.learning_rate or task.learning_rate(FLAGS.method, FLAGS.epsilon)
     optimizer = task.optimizer(FLAGS.method)  # the one the default learning rate is for
     delta = 1.0 / (2 * len(y))
 

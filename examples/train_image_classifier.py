@@ -69,9 +69,7 @@ def run():
         task = tasks.hub_image_task(FLAGS.preset, FLAGS.dataset, FLAGS.image_size, FLAGS.max_examples or None, FLAGS.seed)
     build_model, data = task.build_model, task.splits
     print(f"{FLAGS.dataset}: {[len(y) for _, y in (data.train, data.validation, data.test)]} private train/validation/test images")
-    learning_rate = FLAGS.learning_rate or task.learning_rate(method)
-    if digits and not FLAGS.learning_rate and FLAGS.epsilon <= tasks.LOW_EPSILON:
-        learning_rate = tasks.DIGITS_LOW_EPSILON_LEARNING_RATES.get(method, learning_rate)
+    learning_rate = FLAGS.learning_rate or task.learning_rate(method, FLAGS.epsilon)
     lr_schedule = FLAGS.lr_schedule or task.lr_schedule(method)
     result = recipes.train(
         method, build_model, data.train, data.validation, data.test,

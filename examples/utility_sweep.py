@@ -161,7 +161,7 @@ def _sweep_runs(task_name, task, epochs, batch_size, epsilons, scratch, done, sa
                 result = peer_run(task, task_file, method, eps, epochs, batch_size)
             else:
                 # Recorded with each run: what it trained with.
-                settings = dict(learning_rate=task.learning_rate(method), optimizer=task.optimizer(method),
+                settings = dict(learning_rate=task.learning_rate(method, eps), optimizer=task.optimizer(method),
                                 lr_schedule=FLAGS.lr_schedule or task.lr_schedule(method))
                 result = recipes.train(
                     method, task.build_model, task.splits.train, task.splits.validation, task.splits.test,

@@ -39,8 +39,8 @@ flags.DEFINE_enum("head_init", "auto", ["auto", "random", "zeros"], "Classifier 
                   "private methods that train the head (examples/accuracy_study.py), the model's own otherwise.")
 flags.DEFINE_float("learning_rate", None, "Learning rate; default per method, Adam's (5e-3 for bias-only).")
 flags.DEFINE_enum("lr_schedule", None, ["constant", "linear"], "Learning rate over the run: constant, or "
-                  "linear decay to 0 (recipes.train). Default: the task's choice for the method (the offline text "
-                  "task's dp_bitfit_head: linear; otherwise constant).")
+                  "linear decay to 0 (recipes.train). Default: the task's choice for the method (dp_bitfit_head on "
+                  "text tasks: linear, chosen on the offline tweets; otherwise constant).")
 flags.DEFINE_enum("optimizer", None, ["adam", "sgd"], "Inner optimizer: Adam, or SGD with momentum 0.9 "
                   "(recipes.train; the two-phase methods and DPZero keep their own). Default: the one the method's "
                   "default learning rate is for (Adam; SGD for dp_full on the offline digits).")

@@ -59,6 +59,7 @@ DPZERO_CLIP = 200.0  # the paper's C for the per-example scalar
 DEFAULT_LEARNING_RATES = {"all": 1e-4, "bias": 5e-3, "bias+head": 1e-2, "lora+head": 2e-3}
 LORA_RANK = 8
 LR_SCHEDULES = ("constant", "linear")
+TWO_PHASE_METHODS = ("sparta", "sparta_signed", "two_phase")  # run by their own fit functions (methods/)
 OPTIMIZERS = {  # inner optimizer by name (learning rate or schedule -> optimizer)
     "adam": lambda lr: keras.optimizers.Adam(lr),
     "sgd": lambda lr: keras.optimizers.SGD(lr, momentum=0.9),
@@ -207,11 +208,11 @@ def train(
         raise ValueError(f"gradient_accumulation_steps applies to the gradient-based private methods, not {method}.")
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}; got {lr_schedule!r}.")
-    if lr_schedule != "constant" and method in ("sparta", "sparta_signed", "two_phase"):
+    if lr_schedule != "constant" and method in TWO_PHASE_METHODS:
         raise ValueError(f"lr_schedule={lr_schedule!r} is not supported for the two-phase method {method}.")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}; got {optimizer!r}.")
-    if optimizer != "adam" and method in ("sparta", "sparta_signed", "two_phase", "dpzero"):
+    if optimizer != "adam" and (method in TWO_PHASE_METHODS or method == "dpzero"):
         raise ValueError(f"optimizer={optimizer!r} is not supported for {method} (it has its own).")
     keras.utils.set_random_seed(seed)
     x_train, y_train = train_data
@@ -230,7 +231,7 @@ def train(
         enable_lora(base, LORA_RANK)
     timer = StepTimer(group=k)
     fit_kwargs = dict(batch_size=batch_size, epochs=epochs, validation_data=validation_data, verbose=verbose)
-    if method in ("sparta", "sparta_signed", "two_phase"):
+    if method in TWO_PHASE_METHODS:
         cbs = [timer, PrivacyCallback(delta=delta), *callbacks]
         common = dict(
             loss=loss, batch_size=batch_size, l2_norm_clip=l2_norm_clip, target_epsilon=epsilon, delta=delta,

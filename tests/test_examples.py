@@ -171,8 +171,6 @@ def test_image_example_hub_path_with_local_vit_preset(tmp_path):
 
 
 def test_utility_sweep_writes_table_json_and_plot_and_resumes(tmp_path, monkeypatch):
-    from absl import app
-
     from dp_bitfit_keras import tasks
 
     task = tasks.digits_transfer_task(pretrain_epochs=2, verbose=False)  # prepared once for the three calls

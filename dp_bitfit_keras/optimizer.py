@@ -225,6 +225,13 @@ class DPOptimizer(keras.optimizers.Optimizer):
     def iterations(self):
         return self.inner_optimizer.iterations
 
+    def finalize_variable_values(self, var_list):
+        # `fit` calls this at the end of training: an inner optimizer with `use_ema=True` then
+        # writes its moving average of the (noised) iterates into the trained variables. The
+        # average is post-processing of released values and costs no privacy.
+        if self.inner_optimizer.use_ema and self.inner_optimizer.built:
+            self.inner_optimizer.finalize_variable_values(self.inner_optimizer._trainable_variables)
+
     def apply(self, grads, trainable_variables=None):
         raise RuntimeError(
             "DPOptimizer received batch-averaged gradients, which are not private. Train with "

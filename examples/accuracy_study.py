@@ -7,7 +7,8 @@
 Each task has a base configuration (today's defaults) and a list of stages; a stage tries a few
 settings of one knob (learning rate, head initialisation, clipping style, batch size and
 epochs, sequence length, how many training examples, which method, a linearly decaying
-learning rate, and on the digits Adam vs SGD with momentum), each on top of the best
+learning rate, and on the digits Adam vs SGD with momentum and a moving average of the
+weights), each on top of the best
 configuration so far, and keeps the one with the best mean **validation** accuracy (a
 coordinate search; it is greedy, so interactions between knobs are only partly explored).
 Runs whose *estimated* wall time on a quiet machine exceeds `--budget_minutes` (what the
@@ -102,6 +103,9 @@ PRIVATE_PLAN = {
         # Absent = Adam. SGD with momentum 0.9 at a few rates (its scale differs from Adam's).
         ("optimizer", [{}, {"optimizer": "sgd", "learning_rate": 0.03}, {"optimizer": "sgd", "learning_rate": 0.1},
                        {"optimizer": "sgd", "learning_rate": 0.3}]),
+        # Absent = none. Evaluate/export an exponential moving average of the noisy iterates
+        # (post-processing, no ε): horizons of about 10, 33 and 100 of the run's 300 steps.
+        ("weight averaging (EMA)", [{}, {"ema_momentum": 0.9}, {"ema_momentum": 0.97}, {"ema_momentum": 0.99}]),
     ],
 }
 # Non-private search: each method at a few learning rates, then more epochs for the best.
@@ -188,7 +192,7 @@ class Study:
                 epsilon=config.get("epsilon", 1.0), epochs=config["epochs"], batch_size=config["batch_size"],
                 l2_norm_clip=config["l2_norm_clip"], clipping=config["clipping"], learning_rate=config["learning_rate"],
                 head_init=config["head_init"], lr_schedule=config.get("lr_schedule", "constant"),
-                optimizer=config.get("optimizer", "adam"), seed=0, verbose=0,
+                optimizer=config.get("optimizer", "adam"), ema_momentum=config.get("ema_momentum"), seed=0, verbose=0,
             )
             row = dict(key=self.key(config), config=config, stage=stage, repeat=repeat, wall_s=time.perf_counter() - start,
                        train_examples=len(train_y), **result.as_dict())

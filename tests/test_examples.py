@@ -300,6 +300,38 @@ def test_recipes_linear_schedule_decays_to_zero_over_the_run(method, optimizer):
         recipes.train("dpzero", build, data, data, data, optimizer="sgd")
 
 
+@pytest.mark.parametrize("method, optimizer", [("dp_full", "sgd"), ("full", "adam")])
+def test_recipes_ema_ends_with_the_moving_average_of_the_iterates(method, optimizer):
+    from dp_bitfit_keras import recipes
+
+    rng = np.random.default_rng(0)
+    data = (rng.normal(size=(64, 3)).astype("float32"), rng.integers(0, 2, 64).astype("int32"))
+    build = lambda: keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2, name="logits")])  # noqa: E731
+    iterates = []
+
+    class Snapshot(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            model = self.model.model if isinstance(self.model, dpk.DPModel) else self.model
+            iterates.append([w.copy() for w in model.get_weights()])
+
+    m = 0.8
+    result = recipes.train(method, build, data, data, data, epochs=2, batch_size=16, learning_rate=0.1,
+                           optimizer=optimizer, ema_momentum=m, noise_seed=0 if method.startswith("dp_") else None,
+                           callbacks=[Snapshot()], verbose=0)
+    assert len(iterates) == 8
+    average = iterates[0]  # Keras' EMA starts at the first step's weights
+    for weights in iterates[1:]:
+        average = [m * a + (1 - m) * w for a, w in zip(average, weights)]
+    final = result.base_model.get_weights()
+    for got, want, last in zip(final, average, iterates[-1]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not all(np.allclose(g, w) for g, w in zip(final, iterates[-1]))  # not the last iterate
+    with pytest.raises(ValueError, match="ema_momentum must be in"):
+        recipes.train(method, build, data, data, data, ema_momentum=1.0)
+    with pytest.raises(ValueError, match="ema_momentum is not supported"):
+        recipes.train("two_phase", build, data, data, data, ema_momentum=0.9)
+
+
 def test_recipes_zero_head_starts_the_head_at_zero():
     from dp_bitfit_keras import recipes
 

@@ -159,6 +159,7 @@ def train(
     lr_schedule: str = "constant",
     optimizer: str = "adam",
     ema_momentum: float | None = None,
+    noise_multiplier: float | None = None,
     verbose: int = 1,
     callbacks=(),
 ) -> RunResult:
@@ -198,6 +199,10 @@ def train(
             (evaluation and export see it). For a private run it averages the noisy iterates,
             post-processing that costs no ε (De et al. 2022 found it helps DP-SGD). Same methods
             as `optimizer`.
+        noise_multiplier: None (default): σ is calibrated so the run spends `epsilon`. A number
+            σ >= 0 is used as is and `epsilon` is ignored (the reported ε is what σ spends;
+            σ = 0 clips and samples but adds no noise: **not private**, for measuring how much of
+            a gap the noise itself costs). Not for the two-phase methods.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}; got {method!r}.")
@@ -206,7 +211,12 @@ def train(
     trainable, private = METHODS[method]
     if head_init == "auto":
         head_init = "zeros" if private and trainable != "bias" else "random"
-    if private and not (epsilon > 0 and math.isfinite(epsilon)):
+    if noise_multiplier is not None:
+        if not private or method in TWO_PHASE_METHODS:
+            raise ValueError(f"noise_multiplier applies to the one-phase private methods, not {method}.")
+        if not noise_multiplier >= 0:
+            raise ValueError(f"noise_multiplier must be >= 0; got {noise_multiplier!r}.")
+    elif private and not (epsilon > 0 and math.isfinite(epsilon)):
         raise ValueError(f"{method} needs a finite target epsilon > 0; got {epsilon}.")
     k = gradient_accumulation_steps
     if not (isinstance(k, int) and k >= 1):
@@ -273,10 +283,11 @@ def train(
         else:
             model = DPModel(base, trainable=trainable)
             inner, clip = OPTIMIZERS[optimizer](lr, **ema), l2_norm_clip
+        budget = dict(target_epsilon=epsilon, target_delta=delta) if noise_multiplier is None else dict(
+            noise_multiplier=noise_multiplier)
         model.compile(
             optimizer=DPOptimizer(
-                inner, l2_norm_clip=clip, target_epsilon=epsilon,
-                target_delta=delta, clipping="abadi" if method == "dpzero" else clipping, seed=noise_seed,
+                inner, l2_norm_clip=clip, **budget, clipping="abadi" if method == "dpzero" else clipping, seed=noise_seed,
                 gradient_accumulation_steps=k,
             ),
             loss=loss, metrics=["accuracy"],

@@ -332,6 +332,25 @@ def test_recipes_ema_ends_with_the_moving_average_of_the_iterates(method, optimi
         recipes.train("two_phase", build, data, data, data, ema_momentum=0.9)
 
 
+def test_recipes_noise_multiplier_replaces_the_epsilon_target():
+    from dp_bitfit_keras import recipes
+
+    rng = np.random.default_rng(0)
+    data = (rng.normal(size=(64, 3)).astype("float32"), rng.integers(0, 2, 64).astype("int32"))
+    build = lambda: keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2, name="logits")])  # noqa: E731
+    result = recipes.train("dp_full", build, data, data, data, epochs=2, batch_size=16, noise_multiplier=1.5, verbose=0)
+    assert result.noise_multiplier == 1.5 and result.steps == 8
+    assert result.epsilon == pytest.approx(result.model.optimizer.privacy_spent(result.delta)[0]) and result.epsilon > 0
+    floor = recipes.train("dp_full", build, data, data, data, epochs=2, batch_size=16, noise_multiplier=0.0, verbose=0)
+    assert floor.noise_multiplier == 0.0 and floor.epsilon == float("inf")  # trains, but is not private
+    with pytest.raises(ValueError, match="one-phase private methods"):
+        recipes.train("full", build, data, data, data, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="one-phase private methods"):
+        recipes.train("two_phase", build, data, data, data, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        recipes.train("dp_full", build, data, data, data, noise_multiplier=-1.0)
+
+
 def test_recipes_zero_head_starts_the_head_at_zero():
     from dp_bitfit_keras import recipes
 
@@ -357,8 +376,9 @@ def test_accuracy_study_searches_resumes_and_reports(tmp_path, monkeypatch):
                                                           ("head init", [{}, {"head_init": "zeros"}])])
         monkeypatch.setitem(study.NONPRIVATE_PLAN, "image", [("method", [{"method": "bitfit_head", "learning_rate": 2e-2}])])
         monkeypatch.setitem(study.LOW_EPSILON_PLAN, "image", [("learning rate at ε=3", [{}, {"lr_scale": 0.5}])])
+        monkeypatch.setitem(study.NOISE_FLOOR_PLAN, "image", [{}])
         argv = [study.__file__, "--tasks=image", f"--out={out}", "--image_repeats=1", "--epsilons=3,8",
-                "--phases=private,nonprivate,epsilons,low_epsilon"]
+                "--phases=private,nonprivate,epsilons,low_epsilon,noise_floor"]
         flags.FLAGS.unparse_flags()
         flags.FLAGS(argv)
         try:
@@ -366,19 +386,24 @@ def test_accuracy_study_searches_resumes_and_reports(tmp_path, monkeypatch):
             runs = [json.loads(line) for line in open(out + "_image.jsonl")]
             # 3 private configurations (base, lr x2, then zeros on the winner), 1 non-private
             # run, ε = 3 (ε = 8 is the winner's own run), and the ε = 3 re-tuning's one new
-            # option (its first option is that ε = 3 run).
-            assert len(runs) == 3 + 1 + 1 + 1
-            assert runs[-1]["stage"] == "private ε=3: learning rate at ε=3" and runs[-1]["config"]["epsilon"] == 3.0
-            assert {r["config"]["head_init"] for r in runs} == {"random", "zeros"}
-            assert all(r["epsilon"] <= r["config"].get("epsilon", float("inf")) + 1e-6 for r in runs)
+            # option (its first option is that ε = 3 run), then the winner without noise.
+            assert len(runs) == 3 + 1 + 1 + 1 + 1
+            assert runs[-2]["stage"] == "private ε=3: learning rate at ε=3" and runs[-2]["config"]["epsilon"] == 3.0
+            floor = runs[-1]
+            assert floor["stage"] == study.NOISE_FLOOR_STAGE and floor["config"]["noise_multiplier"] == 0.0
+            assert floor["noise_multiplier"] == 0.0 and floor["epsilon"] == float("inf")
             flags.FLAGS(argv)
             study.main([])  # resumed: nothing is run twice
             assert sum(1 for _ in open(out + "_image.jsonl")) == len(runs)
+            runs = runs[:-1]
+            assert {r["config"]["head_init"] for r in runs} == {"random", "zeros"}
+            assert all(r["epsilon"] <= r["config"].get("epsilon", float("inf")) + 1e-6 for r in runs)
         finally:
             flags.FLAGS.unparse_flags()
     report = open(out + ".md").read()
     assert "✓" in report and "Chosen private configuration" in report and "non-private bitfit_head" in report
     assert "| private ε=3 | learning rate at ε=3 |" in report
+    assert "Noise floor" in report and "| as chosen |" in report
     low = json.load(open(out + ".json"))["image"]["low_epsilon_best"]
     assert low["epsilon"] == 3.0 and (low == dict(json.load(open(out + ".json"))["image"]["private_best"], epsilon=3.0)
                                       or "re-tuned at ε=3" in report)

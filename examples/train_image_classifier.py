@@ -17,38 +17,23 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
-from dp_bitfit_keras import recipes, tasks  # noqa: E402
+from dp_bitfit_keras import example_flags, recipes, tasks  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "offline-digits", "'offline-digits' (CNN pretrained here on digits 0-4) or a keras-hub image classifier preset / directory.")
 flags.DEFINE_string("dataset", "digits", "'digits' (private half: 5-9) or a TFDS image classification name (e.g. cifar10).")
 flags.DEFINE_enum("method", None, sorted(recipes.METHODS), "What to train, privately or not. Default: the "
                   "accuracy study's choice for the offline digits (dp_full), dp_bitfit_head for hub presets.")
-flags.DEFINE_float("epsilon", 8.0, "Target ε (private methods).")
-flags.DEFINE_float("delta", None, "δ; default 1/(2n).")
+example_flags.define_shared_flags()  # --epsilon, --l2_norm_clip, --optimizer, --seed, ...
 flags.DEFINE_integer("epochs", None, "Epochs; default 100 on the offline digits (the study's choice), 30 otherwise.")
 flags.DEFINE_integer("batch_size", None, "Expected logical batch size (Poisson sampling for private methods); "
                      "default 256 on the offline digits (the study's choice), 64 otherwise.")
-flags.DEFINE_float("l2_norm_clip", 1.0, "Per-example clipping norm C (default from examples/accuracy_study.py).")
-flags.DEFINE_enum("clipping", "abadi", ["automatic", "abadi"], "Clipping style (Abadi: clip to C; automatic: normalize to C).")
-flags.DEFINE_enum("head_init", "auto", ["auto", "random", "zeros"], "Classifier head kernel at start; auto: zeros for "
-                  "private methods that train the head (examples/accuracy_study.py), the model's own otherwise.")
 flags.DEFINE_float("learning_rate", None, "Learning rate; default per method (tasks.DIGITS_LEARNING_RATES on the digits, "
                    "DIGITS_LOW_EPSILON_LEARNING_RATES at ε <= 3; for the optimizer of --optimizer's default).")
-flags.DEFINE_enum("lr_schedule", None, ["constant", "linear"], "Learning rate over the run: constant, or "
-                  "linear decay to 0 (recipes.train). Default: the task's choice for the method (dp_bitfit_head on "
-                  "text tasks: linear, chosen on the offline tweets; otherwise constant).")
-flags.DEFINE_enum("optimizer", None, ["adam", "sgd"], "Inner optimizer: Adam, or SGD with momentum 0.9 "
-                  "(recipes.train; the two-phase methods and DPZero keep their own). Default: the one the method's "
-                  "default learning rate is for (Adam; SGD for dp_full on the offline digits).")
 flags.DEFINE_integer("max_examples", 0, "Use at most this many labelled examples (0: all).")
 flags.DEFINE_integer("image_size", 224, "Image size for hub presets (resized).")
 flags.DEFINE_integer("pretrain_epochs", 30, "Epochs of public pretraining (offline default).")
-flags.DEFINE_string("export_dir", None, "SavedModel directory; default savedmodels/<run name>/<version>.")
 flags.DEFINE_string("summary_json", None, "Also write the run summary here.")
-flags.DEFINE_integer("seed", 0, "Seed for initialisation, splits and dropout (not the DP noise or sampling).")
-flags.DEFINE_integer("noise_seed", None, "Private methods: make the DP noise and Poisson sampling reproducible "
-                     "from this seed. Default: secret keys from the OS. A run with a known noise seed is NOT private.")
 
 
 def run():

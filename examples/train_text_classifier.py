@@ -19,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
-from dp_bitfit_keras import recipes, tasks, text  # noqa: E402
+from dp_bitfit_keras import example_flags, recipes, tasks, text  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "offline-minilm", "keras-hub preset name or local preset directory; "
@@ -28,32 +28,17 @@ flags.DEFINE_string("dataset", "tweets_binary", "'tweets' (3-class), 'tweets_bin
 flags.DEFINE_enum("method", "dp_bitfit_head", sorted(recipes.METHODS),
                   "What to train, privately or not. The classifier head is new (random), so bias-only "
                   "methods cannot rotate it: bias+head is the default, as in BiTFiT practice.")
-flags.DEFINE_float("epsilon", 8.0, "Target ε (private methods).")
-flags.DEFINE_float("delta", None, "δ; default 1/(2n).")
+example_flags.define_shared_flags()  # --epsilon, --l2_norm_clip, --optimizer, --seed, ...
 flags.DEFINE_integer("epochs", None, "Epochs; default 3 for private methods, 1 for non-private ones "
                      "(examples/accuracy_study.py's choices on the offline task).")
 flags.DEFINE_integer("batch_size", 128, "Expected logical batch size (Poisson sampling for private methods).")
-flags.DEFINE_float("l2_norm_clip", 1.0, "Per-example clipping norm C (default from examples/accuracy_study.py).")
-flags.DEFINE_enum("clipping", "abadi", ["automatic", "abadi"], "Clipping style (Abadi: clip to C; automatic: normalize to C).")
-flags.DEFINE_enum("head_init", "auto", ["auto", "random", "zeros"], "Classifier head kernel at start; auto: zeros for "
-                  "private methods that train the head (examples/accuracy_study.py), the model's own otherwise.")
 flags.DEFINE_float("learning_rate", None, "Learning rate; default per method, Adam's (5e-3 for bias-only).")
-flags.DEFINE_enum("lr_schedule", None, ["constant", "linear"], "Learning rate over the run: constant, or "
-                  "linear decay to 0 (recipes.train). Default: the task's choice for the method (dp_bitfit_head on "
-                  "text tasks: linear, chosen on the offline tweets; otherwise constant).")
-flags.DEFINE_enum("optimizer", None, ["adam", "sgd"], "Inner optimizer: Adam, or SGD with momentum 0.9 "
-                  "(recipes.train; the two-phase methods and DPZero keep their own). Default: the one the method's "
-                  "default learning rate is for (Adam; SGD for dp_full on the offline digits).")
 flags.DEFINE_integer("gradient_accumulation_steps", 1, "Private methods: split each Poisson batch into this many "
                      "micro-batches, noise once per batch (same ε, ~1/k the memory; e.g. 4 for dp_full).")
 flags.DEFINE_integer("max_examples", 6000, "Use at most this many labelled examples (0: all).")
 flags.DEFINE_integer("sequence_length", 64, "Tokens per example (64 covers over 99% of the tweets).")
 flags.DEFINE_enum("pooling", "mean", ["mean", "cls"], "Classifier pooling over the backbone's outputs.")
-flags.DEFINE_string("export_dir", None, "SavedModel directory; default savedmodels/<run name>/<version>.")
 flags.DEFINE_string("summary_json", None, "Also write the run summary here (and a one-row Markdown table next to it, .md).")
-flags.DEFINE_integer("seed", 0, "Seed for initialisation, splits and dropout (not the DP noise or sampling).")
-flags.DEFINE_integer("noise_seed", None, "Private methods: make the DP noise and Poisson sampling reproducible "
-                     "from this seed. Default: secret keys from the OS. A run with a known noise seed is NOT private.")
 
 
 def run():

@@ -351,6 +351,16 @@ def test_recipes_noise_multiplier_replaces_the_epsilon_target():
         recipes.train("dp_full", build, data, data, data, noise_multiplier=-1.0)
 
 
+def test_binaries_own_the_shared_flags():
+    shared = {"epsilon", "delta", "l2_norm_clip", "clipping", "head_init", "lr_schedule", "optimizer", "export_dir",
+              "seed", "noise_seed"}
+    for name in ("train_text_classifier", "train_image_classifier", "train_text_classifier"):  # again: redefinable
+        with _example(name) as module:
+            own = {f.name for f in flags.FLAGS.get_key_flags_for_module(module)}
+            assert shared <= own and "learning_rate" in own  # the shared ones, and the binary's own
+        assert not shared & set(flags.FLAGS)  # dropped with the binary
+
+
 def test_recipes_zero_head_starts_the_head_at_zero():
     from dp_bitfit_keras import recipes
 

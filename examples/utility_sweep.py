@@ -186,12 +186,19 @@ def _cell(accuracies):
     return f"{100 * statistics.mean(accuracies):.1f} ± {100 * statistics.stdev(accuracies):.1f} ({len(accuracies)})"
 
 
+def _methods_of(rows, task):
+    """The methods with rows of `task`, in `recipes.METHODS` order (then the peers): a resumed
+    sweep's table keeps its order whichever cells the last invocation ran."""
+    order = list(recipes.METHODS) + list(PEER_METHODS)
+    return sorted({r["method"] for r in rows if r["task"] == task}, key=order.index)
+
+
 def markdown(rows):
     epsilons = sorted({r["target_epsilon"] for r in rows})
     header = "| task | method | " + " | ".join(f"ε={e:g}" for e in epsilons) + " |"
     lines = [header, "|" + "---|" * (2 + len(epsilons))]
     for task in dict.fromkeys(r["task"] for r in rows):
-        for method in dict.fromkeys(r["method"] for r in rows if r["task"] == task):
+        for method in _methods_of(rows, task):
             cells = {e: _cell([r["test_accuracy"] for r in rows if r["task"] == task and r["method"] == method and r["target_epsilon"] == e])
                      for e in epsilons}
             lines.append(f"| {task} | {method} | " + " | ".join(cells.get(e, "") for e in epsilons) + " |")
@@ -210,7 +217,7 @@ def plot(rows, path):
     colours = {"bitfit": "C0", "bitfit_head": "C1", "full": "C2"}
     for ax, task in zip(axes[0], task_names):
         epsilons = sorted({r["target_epsilon"] for r in rows if r["task"] == task and math.isfinite(r["target_epsilon"])})
-        for method in dict.fromkeys(r["method"] for r in rows if r["task"] == task):
+        for method in _methods_of(rows, task):
             runs = [(r["target_epsilon"], r["test_accuracy"]) for r in rows if r["task"] == task and r["method"] == method]
             points = sorted((e, statistics.mean(a for e2, a in runs if e2 == e)) for e in {e for e, _ in runs})
             colour = colours.get(method.removeprefix("dp_"))  # None: matplotlib's next colour

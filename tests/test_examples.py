@@ -194,6 +194,12 @@ def test_utility_sweep_writes_table_json_and_plot_and_resumes(tmp_path, monkeypa
     table = open(out + ".md").read()
     assert "| ε=8 | ε=inf |" in table and "dp_bitfit_head" in table and " (2) |" in table
     assert os.path.getsize(out + ".png") > 10_000
+    # Resumed for the private cells only (nothing to run): its rows come first in the file, yet
+    # the table keeps recipes.METHODS order.
+    _run_example("utility_sweep", [*argv, "--methods=dp_bitfit_head", "--resume"], entry="run")
+    assert json.load(open(out + ".json"))["results"][0]["method"] == "dp_bitfit_head"
+    rows = open(out + ".md").read().splitlines()[2:]
+    assert [row.split(" | ")[1] for row in rows] == ["bitfit_head", "dp_bitfit_head"]
     # Runs made with other settings are not mixed into one table.
     with pytest.raises(app.UsageError, match="other run settings .*image_epochs"):
         _run_example("utility_sweep", [*argv, methods, "--image_epochs=2", "--resume"], entry="run")

@@ -421,12 +421,13 @@ def _final_table(study, task_data):
     task_data["curve"] = curve
     floor = list({r["key"]: r["config"] for r in study.runs if r["stage"] == NOISE_FLOOR_STAGE}.values())
     if floor:
-        lines += ["", f"Noise floor: the chosen private configuration with σ = 0 (clipped per-example gradients and "
+        lines += ["", "Noise floor: the chosen private configuration with σ = 0 (clipped per-example gradients and "
                   "Poisson sampling as in the private run, no noise; **not private**):", "",
                   "| configuration | validation % | test % |", "|---|---:|---:|"]
         for config in floor:
             runs = study.results(config)
-            lines.append(f"| {_describe(config, dict(best, noise_multiplier=0.0)).replace('(base)', 'as chosen')} | "
+            changed = _describe(config, dict(best, noise_multiplier=0.0))
+            lines.append(f"| {'as chosen' if changed == '(base)' else changed} | "
                          f"{_pct([r['validation_accuracy'] for r in runs])} | {_pct([r['test_accuracy'] for r in runs])} |")
     transfer = [r for r in study.runs if r["stage"].startswith("transfer")]
     if transfer:

@@ -329,7 +329,7 @@ def test_recipes_ema_ends_with_the_moving_average_of_the_iterates(method, optimi
     for weights in iterates[1:]:
         average = [m * a + (1 - m) * w for a, w in zip(average, weights)]
     final = result.base_model.get_weights()
-    for got, want, last in zip(final, average, iterates[-1]):
+    for got, want in zip(final, average):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert not all(np.allclose(g, w) for g, w in zip(final, iterates[-1]))  # not the last iterate
     with pytest.raises(ValueError, match="ema_momentum must be in"):

@@ -60,6 +60,7 @@ DEFAULT_LEARNING_RATES = {"all": 1e-4, "bias": 5e-3, "bias+head": 1e-2, "lora+he
 LORA_RANK = 8
 LR_SCHEDULES = ("constant", "linear")
 TWO_PHASE_METHODS = ("sparta", "sparta_signed", "two_phase")  # run by their own fit functions (methods/)
+OWN_OPTIMIZER_METHODS = (*TWO_PHASE_METHODS, "dpzero")  # build their own inner optimizers (`optimizer`, `ema_momentum` refused)
 OPTIMIZERS = {  # inner optimizer by name (learning rate or schedule -> optimizer)
     "adam": lambda lr, **kw: keras.optimizers.Adam(lr, **kw),
     "sgd": lambda lr, **kw: keras.optimizers.SGD(lr, momentum=0.9, **kw),
@@ -229,12 +230,12 @@ def train(
         raise ValueError(f"lr_schedule={lr_schedule!r} is not supported for the two-phase method {method}.")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}; got {optimizer!r}.")
-    if optimizer != "adam" and (method in TWO_PHASE_METHODS or method == "dpzero"):
+    if optimizer != "adam" and method in OWN_OPTIMIZER_METHODS:
         raise ValueError(f"optimizer={optimizer!r} is not supported for {method} (it has its own).")
     if ema_momentum is not None:
         if not 0 < ema_momentum < 1:
             raise ValueError(f"ema_momentum must be in (0, 1) or None; got {ema_momentum!r}.")
-        if method in TWO_PHASE_METHODS or method == "dpzero":
+        if method in OWN_OPTIMIZER_METHODS:
             raise ValueError(f"ema_momentum is not supported for {method} (it has its own optimizers).")
     ema = {} if ema_momentum is None else dict(use_ema=True, ema_momentum=ema_momentum)
     keras.utils.set_random_seed(seed)

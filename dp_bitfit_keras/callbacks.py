@@ -5,7 +5,6 @@ from __future__ import annotations
 import keras
 
 from dp_bitfit_keras.optimizer import DPOptimizer
-from dp_bitfit_keras.privacy import accounting
 
 
 class PrivacyCallback(keras.callbacks.Callback):
@@ -59,7 +58,7 @@ class PrivacyCallback(keras.callbacks.Callback):
         self._curve = None
         sigma, q = optimizer.noise_multiplier, optimizer.sampling_rate
         if optimizer.accountant == "rdp" and sigma and q:
-            self._curve = accounting.EpsilonCurve(optimizer.step_event(), optimizer.sampling_rate, self.delta)
+            self._curve = optimizer.epsilon_curve(self.delta)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._batches_before_epoch += self._batches_in_epoch

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dp_bitfit_keras.privacy import accounting, prng, queries
+from dp_bitfit_keras.privacy import accounting, ledger, prng, queries
 
 _NO_BUDGET = np.iinfo(np.int64).max
 CLIPPING_STYLES = ("all_layer", "layer_wise", "param_wise", "group_wise")
@@ -172,7 +172,7 @@ class DPOptimizer(keras.optimizers.Optimizer):
         if self.built:
             return
         sigma = -1.0 if self.initial_noise_multiplier is None else self.initial_noise_multiplier
-        ledger = dict(
+        state = dict(
             # name: (dtype, initial value, updated inside the step)
             noise_multiplier=("float64", sigma, False),
             sampling_rate=("float64", -1.0, False),
@@ -182,20 +182,30 @@ class DPOptimizer(keras.optimizers.Optimizer):
             planned_dp_steps=("int64", _NO_BUDGET, False),
             batches_seen=("int64", 0, True),
             current_l2_norm_clip=("float32", self.l2_norm_clip, True),
+            # The open segment of the ledger began at this step; the closed ones are below.
+            segment_start=("int64", 0, False),
+            closed_segments=("int64", 0, False),
         )
-        for name, (dtype, value, in_step) in ledger.items():
+        for name, (dtype, value, in_step) in state.items():
             # Updated in the step: under MirroredStrategy every replica computes the same
             # value (from all-reduced sums), and the first replica's is kept.
             var = self.add_variable(
                 shape=(), dtype=dtype, initializer=keras.initializers.Constant(value),
                 aggregation="only_first_replica" if in_step else "none", name=name,
             )
+            if dtype == "float64":  # the initializer passes through float32; σ and q are exact
+                var.assign(value)
             object.__setattr__(self, f"_{name}", var)
         key = self.add_variable(
             shape=(prng.KEY_WORDS,), dtype="int64", initializer=keras.initializers.Constant(self._initial_key),
             aggregation="none", name="noise_key",
         )
         object.__setattr__(self, "_noise_key", key)
+        table = self.add_variable(
+            shape=(ledger.MAX_SEGMENTS, ledger.COLUMNS), dtype="float64", initializer="zeros",
+            aggregation="none", name="segment_table",
+        )
+        object.__setattr__(self, "_segment_table", table)
         self._initial_key = None
         if self.accumulation_steps > 1:
             accumulators = [
@@ -478,25 +488,21 @@ class DPOptimizer(keras.optimizers.Optimizer):
     def begin_run(self, sampling_rate, expected_batch_size, planned_steps, num_examples=None):
         """Fixes q and the batch normalizer for this run and, if asked, calibrates σ.
 
-        σ is calibrated once (for the first run's planned steps, plus steps already taken);
-        the ledger holds one (σ, q) pair, so a later run must use the same sampling rate.
+        σ is calibrated once, at the first run, for its planned steps (plus steps already taken);
+        later runs keep it. A run whose mechanism differs from the ledger's open segment (another
+        sampling rate, σ or adaptive-clipping count noise) closes that segment and opens a new
+        one: ε composes over all of them.
         """
         if not self.built:
             raise RuntimeError("Build the optimizer (DPModel.fit does) before begin_run.")
-        accounting._check(sampling_rate=sampling_rate)
-        previous_q = self.sampling_rate
-        if previous_q is not None and self.dp_steps > 0 and not math.isclose(previous_q, sampling_rate, rel_tol=1e-9):
-            raise ValueError(
-                f"This optimizer's ledger accounts steps at sampling rate {previous_q:.6g}; this run "
-                f"would sample at {sampling_rate:.6g}. Keep the batch size / dataset size ratio, "
-                "or account the runs separately with new optimizers."
-            )
+        accounting.validate(sampling_rate=sampling_rate)
         if self.target_delta is not None and num_examples and self.target_delta >= 1.0 / num_examples:
             warnings.warn(
                 f"target_delta={self.target_delta} >= 1/n = {1 / num_examples:.3g}: such a δ allows "
                 "releasing an example outright; use δ well below 1/n (e.g. 1/(2n) or smaller).",
                 stacklevel=3,
             )
+        before = self.open_segment() if self.dp_steps > int(self._segment_start.numpy()) else None
         self._sampling_rate.assign(sampling_rate)
         self._expected_batch_size.assign(expected_batch_size)
         self._planned_dp_steps.assign(self.dp_steps + planned_steps)
@@ -508,6 +514,14 @@ class DPOptimizer(keras.optimizers.Optimizer):
             self._noise_multiplier.assign(sigma)
         if self.target_unclipped_quantile is not None:
             self._make_adaptive_query(expected_batch_size)
+        if before is not None and not before.same_mechanism(self.open_segment()):
+            self._close_segment(before)
+
+    def _close_segment(self, segment):
+        closed = self.closed_segments() + [segment]
+        self._segment_table.assign(ledger.to_table(closed))
+        self._closed_segments.assign(len(closed))
+        self._segment_start.assign(self.dp_steps)
 
     def _make_adaptive_query(self, expected_batch_size):
         count_stddev = self.clipped_count_stddev or expected_batch_size / 20.0
@@ -524,27 +538,59 @@ class DPOptimizer(keras.optimizers.Optimizer):
         """The clip C now (moves with adaptive clipping; `l2_norm_clip` otherwise)."""
         return float(self._current_l2_norm_clip.numpy()) if self.built else self.l2_norm_clip
 
-    def step_event(self) -> "dp_accounting.DpEvent":
-        """The DpEvent of one step, before subsampling: one Gaussian, or with adaptive clipping the
-        composition of the sum's and the count's Gaussians (TF Privacy's event)."""
-        if self._adaptive_query is None:
-            return dp_accounting.GaussianDpEvent(self.noise_multiplier)
-        return dp_accounting.ComposedDpEvent([
-            dp_accounting.GaussianDpEvent(self._sum_noise_multiplier),
-            dp_accounting.GaussianDpEvent(2.0 * self._adaptive_query.clipped_count_stddev),
-        ])
+    def open_segment(self) -> ledger.Segment:
+        """The ledger's open segment: this optimizer's σ and q since the last change."""
+        if self.noise_multiplier is None or self.sampling_rate is None:
+            raise RuntimeError("σ and q are set at the start of fit; ask for the ledger afterwards.")
+        steps = self.dp_steps - int(self._segment_start.numpy())
+        if self.target_unclipped_quantile is None or self.noise_multiplier == 0:
+            return ledger.Segment(self.noise_multiplier, self.sampling_rate, steps)
+        if self._adaptive_query is None:  # restored from a checkpoint in a new process
+            self._make_adaptive_query(float(self._expected_batch_size.numpy()))
+        # TF Privacy's event: the sum's Gaussian composed with the count's (sensitivity ½).
+        return ledger.Segment(self._sum_noise_multiplier, self.sampling_rate, steps,
+                              2.0 * self._adaptive_query.clipped_count_stddev)
 
-    def continue_ledger(self, other: "DPOptimizer"):
-        """Carries on `other`'s ledger: its steps, batches seen and noise key (e.g. a second
-        training phase with new variables and a new inner optimizer). σ, q and the accountant
-        must match, so ε is accounted over all steps of both as one run."""
+    def closed_segments(self) -> list[ledger.Segment]:
+        """The ledger's segments before the open one (earlier runs at other σ or q)."""
+        if not self.built:
+            return []
+        return ledger.from_table(self._segment_table.numpy(), int(self._closed_segments.numpy()))
+
+    @property
+    def segments(self) -> list[ledger.Segment]:
+        """Every segment of the ledger, oldest first; ε is that of their composition."""
+        if self.dp_steps == 0 and not self.closed_segments():
+            return []
+        return self.closed_segments() + [self.open_segment()]
+
+    def step_event(self) -> dp_accounting.DpEvent:
+        """The DpEvent of one step of the open segment, before subsampling: one Gaussian, or with
+        adaptive clipping the composition of the sum's and the count's Gaussians."""
+        return self.open_segment().step_event()
+
+    def epsilon_curve(self, delta: float) -> ledger.EpsilonCurve:
+        """ε as a function of the total step count, cheap to ask every step (RDP)."""
+        return ledger.EpsilonCurve(self.closed_segments(), self.open_segment(), delta, self.accountant,
+                                   first_step=int(self._segment_start.numpy()))
+
+    def continue_ledger(self, other: DPOptimizer):
+        """Carries on `other`'s ledger: its segments, steps, batches seen and noise key (e.g. a
+        second training phase with new variables and a new inner optimizer). `other`'s open
+        segment is closed here, so this optimizer may run at another σ or q: ε composes over
+        the steps of both."""
         if not (self.built and other.built):
             raise RuntimeError("Build both optimizers first.")
-        if self.accountant != other.accountant or not math.isclose(self.noise_multiplier, other.noise_multiplier, rel_tol=1e-9):
+        if self.accountant != other.accountant:
             raise ValueError(
-                f"A continued ledger needs the same σ and accountant; got σ={self.noise_multiplier} "
-                f"({self.accountant}) vs σ={other.noise_multiplier} ({other.accountant})."
+                f"A continued ledger needs the same accountant; got {self.accountant!r} vs {other.accountant!r}."
             )
+        closed = other.closed_segments()
+        if other.dp_steps > int(other._segment_start.numpy()):
+            closed.append(other.open_segment())
+        self._segment_table.assign(ledger.to_table(closed))
+        self._closed_segments.assign(len(closed))
+        self._segment_start.assign(other.dp_steps)
         for name in ("sampling_rate", "expected_batch_size", "dp_steps", "batches_seen", "noise_key"):
             getattr(self, f"_{name}").assign(getattr(other, f"_{name}").value)
 
@@ -553,36 +599,10 @@ class DPOptimizer(keras.optimizers.Optimizer):
         self._max_dp_steps.assign(_NO_BUDGET if max_steps is None else int(max_steps))
 
     def privacy_spent(self, delta: float) -> tuple[float, float]:
-        """(ε, δ) of the steps taken so far."""
-        if self.dp_steps == 0:
-            return 0.0, delta
-        if self.target_unclipped_quantile is not None and self.noise_multiplier > 0:
-            if self._adaptive_query is None:  # restored from a checkpoint in a new process
-                self._make_adaptive_query(float(self._expected_batch_size.numpy()))
-            event = accounting.dp_sgd_event_of(self.step_event(), self.sampling_rate, self.dp_steps)
-            return accounting.epsilon_of_event(event, delta, self.accountant), delta
-        return (
-            accounting.compute_epsilon(self.noise_multiplier, self.sampling_rate, self.dp_steps, delta, self.accountant),
-            delta,
-        )
+        """(ε, δ) of the steps taken so far: every segment of the ledger composed."""
+        return ledger.epsilon(self.segments, delta, self.accountant), delta
 
     def max_steps_within(self, epsilon: float, delta: float) -> int:
-        """Largest number of steps (of this ledger's σ and q) whose ε stays ≤ `epsilon`."""
-        sigma, q = self.noise_multiplier, self.sampling_rate
-        if sigma is None or q is None:
-            raise RuntimeError("σ and q are set at the start of fit; call this afterwards.")
-
-        def within(steps):
-            return accounting.compute_epsilon(sigma, q, steps, delta, self.accountant) <= epsilon
-
-        if not within(1):
-            return 0
-        low, high = 1, 2
-        while within(high):
-            low, high = high, high * 2
-            if high > 1 << 40:
-                return high
-        while high - low > 1:  # ε grows with steps: bisect for the last step within budget.
-            mid = (low + high) // 2
-            low, high = (mid, high) if within(mid) else (low, mid)
-        return low
+        """Largest total step count (the open segment's σ and q after the closed segments) whose
+        ε stays ≤ `epsilon`."""
+        return self.epsilon_curve(delta).max_steps_within(epsilon)

@@ -25,7 +25,8 @@ class _QuietLowOrders(logging.Filter):
 logging.getLogger("absl").addFilter(_QuietLowOrders())
 
 
-def _check(noise_multiplier=None, sampling_rate=None, steps=None, delta=None, accountant=None):
+def validate(noise_multiplier=None, sampling_rate=None, steps=None, delta=None, accountant=None):
+    """Raises a `ValueError` naming the first argument out of range (`None`s are not checked)."""
     if noise_multiplier is not None and not noise_multiplier >= 0:
         raise ValueError(f"noise_multiplier must be >= 0; got {noise_multiplier}.")
     if sampling_rate is not None and not 0 < sampling_rate <= 1:
@@ -42,7 +43,7 @@ def _check(noise_multiplier=None, sampling_rate=None, steps=None, delta=None, ac
 
 def dp_sgd_event(noise_multiplier: float, sampling_rate: float, steps: int) -> dp_accounting.DpEvent:
     """The `DpEvent` of `steps` Poisson-subsampled Gaussian steps."""
-    _check(noise_multiplier, sampling_rate, steps)
+    validate(noise_multiplier, sampling_rate, steps)
     return dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(
             sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
@@ -53,12 +54,12 @@ def dp_sgd_event(noise_multiplier: float, sampling_rate: float, steps: int) -> d
 
 def dp_sgd_event_of(step_event: dp_accounting.DpEvent, sampling_rate: float, steps: int) -> dp_accounting.DpEvent:
     """`steps` Poisson-subsampled repetitions of any per-step event (e.g. a composed one)."""
-    _check(sampling_rate=sampling_rate, steps=steps)
+    validate(sampling_rate=sampling_rate, steps=steps)
     return dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(sampling_rate, step_event), int(steps))
 
 
 def make_accountant(accountant: str = "rdp") -> dp_accounting.PrivacyAccountant:
-    _check(accountant=accountant)
+    validate(accountant=accountant)
     if accountant == "rdp":
         return rdp.RdpAccountant()
     return pld.PLDAccountant()
@@ -66,46 +67,10 @@ def make_accountant(accountant: str = "rdp") -> dp_accounting.PrivacyAccountant:
 
 def epsilon_of_event(event: dp_accounting.DpEvent, delta: float, accountant: str = "rdp") -> float:
     """ε of any `DpEvent` (e.g. several phases composed) at `delta`."""
-    _check(delta=delta, accountant=accountant)
+    validate(delta=delta, accountant=accountant)
     acc = make_accountant(accountant)
     acc.compose(event)
     return float(acc.get_epsilon(delta))
-
-
-class EpsilonCurve:
-    """ε after s steps of one Poisson-subsampled step event, cheap to ask for every s.
-
-    With RDP, composition adds: the RDP curve of one step is computed once and ε(s) is the
-    conversion of s times it (the same figure `epsilon_of_event` gives for s composed steps,
-    microseconds instead of tens of milliseconds); values are cached. PLD has no such shortcut:
-    each new s composes afresh (slow; a progress bar should not ask every step).
-    """
-
-    def __init__(self, step_event: dp_accounting.DpEvent, sampling_rate: float, delta: float, accountant: str = "rdp"):
-        _check(sampling_rate=sampling_rate, delta=delta, accountant=accountant)
-        self.step_event, self.sampling_rate, self.delta, self.accountant = step_event, sampling_rate, delta, accountant
-        self._cache = {0: 0.0}
-        self._orders = self._rdp = None
-        if accountant == "rdp":
-            one = rdp.RdpAccountant()
-            one.compose(dp_sgd_event_of(step_event, sampling_rate, 1))
-            try:
-                self._orders, self._rdp = list(one._orders), [float(r) for r in one._rdp]
-            except AttributeError:  # another dp_accounting layout: compose afresh (slow, exact)
-                pass
-
-    def __call__(self, steps: int) -> float:
-        steps = int(steps)
-        if steps not in self._cache:
-            if self._rdp is not None:
-                from dp_accounting.rdp import rdp_privacy_accountant
-
-                eps, _ = rdp_privacy_accountant.compute_epsilon(self._orders, [steps * r for r in self._rdp], self.delta)
-                self._cache[steps] = float(eps)
-            else:
-                self._cache[steps] = epsilon_of_event(dp_sgd_event_of(self.step_event, self.sampling_rate, steps),
-                                                      self.delta, self.accountant)
-        return self._cache[steps]
 
 
 def compute_epsilon(
@@ -128,7 +93,7 @@ def compute_epsilon(
         >>> round(compute_epsilon(1.1, 256 / 60000, 15 * 60000 // 256, 1e-5), 2)
         1.28
     """
-    _check(noise_multiplier, sampling_rate, steps, delta, accountant)
+    validate(noise_multiplier, sampling_rate, steps, delta, accountant)
     if steps == 0:
         return 0.0
     if noise_multiplier == 0:
@@ -149,7 +114,7 @@ def noise_multiplier_for_epsilon(
     Raises:
         ValueError: bad arguments, or a target no σ up to 1e4 reaches.
     """
-    _check(None, sampling_rate, steps, delta, accountant)
+    validate(None, sampling_rate, steps, delta, accountant)
     if not target_epsilon > 0:
         raise ValueError(f"target_epsilon must be > 0; got {target_epsilon}.")
     if steps == 0:

@@ -129,9 +129,10 @@ def _loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def _private(model, inner, l2_norm_clip, shape, noise_generator="chacha20", gradient_method="auto"):
+def _private(model, inner, l2_norm_clip, shape, noise_generator="chacha20", gradient_method="auto",
+             optimizer_class=dpk.DPOptimizer):
     """Compiles a DPModel for one step of the benchmark: σ = 1, q = batch / 10,000, secret keys."""
-    model.compile(optimizer=dpk.DPOptimizer(inner, l2_norm_clip=l2_norm_clip, noise_multiplier=1.0,
+    model.compile(optimizer=optimizer_class(inner, l2_norm_clip=l2_norm_clip, noise_multiplier=1.0,
                                             noise_generator=noise_generator), loss=_loss(),
                   gradient_method=gradient_method)
     model.optimizer.build(model.trainable_variables)
@@ -170,7 +171,8 @@ def _build_sparta(shape, mode, density=0.2):
     rng = np.random.RandomState(0)
     masks = dpk.methods.sparta_module.select_rows([rng.rand(*v.shape).astype("float32") for v in candidates], density)
     keep = {id(v): m for v, m in zip(candidates, masks) if m.any()}
-    model = _private(dpk.DPModel(base, trainable=lambda v: id(v) in keep), keras.optimizers.Adam(1e-3), 1.0, shape)
+    model = _private(dpk.DPModel(base, trainable=lambda v: id(v) in keep), keras.optimizers.Adam(1e-3), 1.0, shape,
+                     optimizer_class=dpk.methods.sparta_module.SparseDPOptimizer)
     model.optimizer.gradient_masks = [tf.constant(keep[id(v)]) for v in model.selection.variables]
     return model
 

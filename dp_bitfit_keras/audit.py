@@ -104,7 +104,7 @@ def audit(
     start = [v.numpy().copy() for v in variables]
     state = [v.numpy().copy() for v in opt.variables]
     # The direction the canary pushes each variable: minus its (non-private) gradient.
-    loss = model._per_example_loss
+    loss = model.per_example_loss
     handles = [v.value for v in variables]  # frozen weights too: watch them explicitly
     with tf.GradientTape() as tape:
         tape.watch(handles)
@@ -121,7 +121,7 @@ def audit(
     for trial in range(trials):
         for world, w in ((1, weights_in), (0, weights_out)):
             restore()
-            opt._noise_key.assign(prng.new_key() if seed is None else prng.derive_key(f"dp_bitfit_keras/audit/{seed}/{trial}/{world}"))
+            opt.set_noise_key(prng.new_key() if seed is None else prng.derive_key(f"dp_bitfit_keras/audit/{seed}/{trial}/{world}"))
             for _ in range(steps):
                 model.train_on_batch(x, y, sample_weight=w)
             scores[world].append([

@@ -45,7 +45,7 @@ import keras
 import tensorflow as tf
 
 from dp_bitfit_keras import gradients
-from dp_bitfit_keras.privacy import queries
+from dp_bitfit_keras.privacy import clipping
 
 __all__ = ["BookkeepingFallbackWarning", "covered_variables", "clipped_sums", "last_fallbacks"]
 
@@ -360,7 +360,7 @@ def _einsum_terms(equation, x, g):
     squared = _matrix_squared_norms(a_mat, g_mat)
 
     def weighted_sum(weights, keep):
-        return tf.einsum(f"{ins},{out}->{ker}", queries.kept_rows(x, keep), queries.kept_rows(g, keep) * _expand(weights, g))
+        return tf.einsum(f"{ins},{out}->{ker}", clipping.kept_rows(x, keep), clipping.kept_rows(g, keep) * _expand(weights, g))
 
     return squared, weighted_sum
 
@@ -382,10 +382,10 @@ def _reduce_to(g, shape):
 
 
 def _direct_terms(per_example):
-    squared = queries._squared_norms([per_example])[0]
+    squared = clipping.squared_norms([per_example])[0]
 
     def weighted_sum(weights, keep):
-        return tf.tensordot(weights, queries.kept_rows(per_example, keep), axes=[[0], [0]])
+        return tf.tensordot(weights, clipping.kept_rows(per_example, keep), axes=[[0], [0]])
 
     return squared, weighted_sum
 
@@ -438,7 +438,7 @@ def _terms_of_use(use, g, selected_ids):
         squared = tf.reduce_sum(same * tf.einsum("btd,bsd->bts", g, g), [1, 2])
 
         def weighted_sum(weights, keep, g=g, ids=ids, rows=v.shape[0]):
-            rows_g = tf.reshape(queries.kept_rows(g, keep) * _expand(weights, g), [-1, g.shape[-1]])
+            rows_g = tf.reshape(clipping.kept_rows(g, keep) * _expand(weights, g), [-1, g.shape[-1]])
             return tf.math.unsorted_segment_sum(rows_g, tf.reshape(ids, [-1]), rows)
 
         return [(v, squared, weighted_sum)]
@@ -451,7 +451,7 @@ def _terms_of_use(use, g, selected_ids):
         squared = tf.reduce_sum(tf.square(per_example), [1, 2])
 
         def weighted_sum(weights, keep, p=per_example, start=use.start, rows=v.shape[0]):
-            part = tf.tensordot(weights, queries.kept_rows(p, keep), axes=[[0], [0]])
+            part = tf.tensordot(weights, clipping.kept_rows(p, keep), axes=[[0], [0]])
             return tf.pad(part, [[start, rows - start - length], [0, 0]])
 
         return [(v, squared, weighted_sum)]
@@ -546,7 +546,7 @@ def clipped_sums(model, loss_fn, x, y, variables, sample_weight, optimizer, *, m
     _state.last_fallbacks = tuple(getattr(v, "path", v.name) for v in rest)
     if rest:
         _report_fallback(rest, on_fallback)
-        grads, _, _ = gradients._per_example(
+        grads, _, _ = gradients.per_example_outputs(
             model, loss_fn, x, y, rest, sample_weight, training=training, on_fallback=on_fallback,
             loss_scale=loss_scale,
         )

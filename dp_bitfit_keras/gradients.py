@@ -179,14 +179,14 @@ def per_example_gradients(
         >>> [tuple(g.shape) for g in grads]
         [(4, 3, 2), (4, 2)]
     """
-    grads, _, _ = _per_example(
+    grads, _, _ = per_example_outputs(
         model, loss_fn, x, y, variables, sample_weight, training=training, on_fallback=on_fallback
     )
     return grads
 
 
 @tf.autograph.experimental.do_not_convert
-def _per_example(model, loss_fn, x, y, variables=None, sample_weight=None, *, training=True, on_fallback="warn", loss_scale=None):
+def per_example_outputs(model, loss_fn, x, y, variables=None, sample_weight=None, *, training=True, on_fallback="warn", loss_scale=None):
     """`per_example_gradients`, also returning the per-example losses `[batch]` and outputs.
 
     `loss_scale`: multiply each loss by this before differentiating and divide the gradients
@@ -205,7 +205,7 @@ def _per_example(model, loss_fn, x, y, variables=None, sample_weight=None, *, tr
         # attention/conv models; the XLA-compiled computation is exact. Compile it here (once
         # per call: inside a training step, trace this function once instead).
         return tf.function(
-            lambda x, y, sample_weight: _per_example(
+            lambda x, y, sample_weight: per_example_outputs(
                 model, loss_fn, x, y, variables, sample_weight,
                 training=training, on_fallback=on_fallback, loss_scale=loss_scale,
             ),

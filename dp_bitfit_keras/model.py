@@ -133,7 +133,7 @@ class DPModel(keras.Model):
         }
         # Layers whose LoRA was enabled after construction (keras-hub's backbone.enable_lora,
         # dpk.enable_lora) are not in the model's own config: record them to enable again.
-        lora = {_kernel_prefix(layer): int(layer.lora_rank) for layer in selection._layers(self.model)
+        lora = {_kernel_prefix(layer): int(layer.lora_rank) for layer in selection.layers_of(self.model)
                 if getattr(layer, "lora_enabled", False) and _kernel_prefix(layer)}
         if lora:
             config["lora_layers"] = lora
@@ -144,7 +144,7 @@ class DPModel(keras.Model):
         config = dict(config)
         model = keras.saving.deserialize_keras_object(config.pop("model"), custom_objects=custom_objects)
         lora = config.pop("lora_layers", None) or {}
-        for layer in selection._layers(model):
+        for layer in selection.layers_of(model):
             rank = lora.get(_kernel_prefix(layer))
             if rank and not getattr(layer, "lora_enabled", False):
                 layer.enable_lora(rank)
@@ -208,7 +208,7 @@ class DPModel(keras.Model):
             # when any gradient overflows, a data-dependent decision that DP cannot allow: scale
             # each example's loss by a fixed factor instead, unscale in float32; the examples
             # whose gradient still overflows get weight 0 (as any non-finite gradient does, see
-            # queries.clipped_sum). Norms and clipping are float32.
+            # clipping.clipped_sum). Norms and clipping are float32.
             self.optimizer = self.optimizer.inner_optimizer
             self._loss_scale = MIXED_FLOAT16_LOSS_SCALE
         else:
@@ -220,12 +220,17 @@ class DPModel(keras.Model):
         self.compile(**config)
         self.optimizer.build(self.trainable_variables)
 
+    @property
+    def per_example_loss(self):
+        """The compiled loss as a per-example function `(y_true, y_pred) -> [batch]`."""
+        return self._per_example_loss
+
     def uses_bookkeeping(self) -> bool:
         """Whether the step computes clipped sums by book-keeping (see `compile`)."""
         method = getattr(self, "gradient_method", "auto")
         optimizer = getattr(self, "optimizer", None)
         if method == "vectorized" or (
-            isinstance(optimizer, DPOptimizer) and (optimizer.gradient_masks is not None or optimizer.absolute_gradients)
+            isinstance(optimizer, DPOptimizer) and optimizer.needs_per_example_gradients
         ):
             return False
         if method == "bookkeeping":
@@ -238,7 +243,7 @@ class DPModel(keras.Model):
         variables = list(self.selection.variables)
         if self.uses_bookkeeping():
             variables = bookkeeping.covered_variables(self.model, variables)[1]
-        return sum(selection._size(v) for v in variables)
+        return sum(selection.size_of(v) for v in variables)
 
     def _clip_sum_function(self, variables):
         """`(x, y, sample_weight) -> (summed, below, losses, y_pred)`: a batch's clipped sum."""
@@ -251,7 +256,7 @@ class DPModel(keras.Model):
                 )
         else:
             def clip_sum(x, y, sample_weight):
-                grads, losses, y_pred = gradients._per_example(
+                grads, losses, y_pred = gradients.per_example_outputs(
                     self.model, self._per_example_loss, x, y, variables, sample_weight, training=True,
                     loss_scale=loss_scale,
                 )
@@ -333,7 +338,7 @@ class DPModel(keras.Model):
 
     def _track_loss(self, losses, mask):
         # Metrics describe the private batch; they are for monitoring, not released with DP.
-        # An example whose loss is not finite is dropped from the step (queries.clipped_sum):
+        # An example whose loss is not finite is dropped from the step (clipping.clipped_sum):
         # leave it out of the mean too, so the progress bar does not turn NaN.
         weights = tf.ones_like(losses) if mask is None else mask
         finite = tf.math.is_finite(losses)
@@ -410,7 +415,7 @@ class DPModel(keras.Model):
         # Under several replicas the k micro-batches of a step arrive as one batch, processed in
         # chunks inside the step (same clipped sum, one noise; the memory is bounded by the chunk).
         fold = replicas > 1 and k > 1
-        self.optimizer._fold_accumulation = fold
+        self.optimizer.fold_accumulation = fold
         if replicas > 1 and sampler is not None:
             dataset = self._replicated_batches(dataset, sampler, fold, epochs, kwargs)
             sampler = dataset.dp_sampler
@@ -459,7 +464,7 @@ class DPModel(keras.Model):
                 noise_multiplier=-1 if optimizer.initial_noise_multiplier is None else optimizer.initial_noise_multiplier,
                 target_epsilon=-1 if optimizer.target_epsilon is None else optimizer.target_epsilon,
                 l2_norm_clip=optimizer.l2_norm_clip, dp_steps=optimizer.dp_steps,
-                batches_seen=int(optimizer._batches_seen.numpy()), weights=distribute.fingerprint(self.model.weights),
+                batches_seen=int(optimizer.batches_seen), weights=distribute.fingerprint(self.model.weights),
             )
             distribute.check_workers_agree(strategy, facts)
             if sampler.seed is None:
@@ -467,15 +472,15 @@ class DPModel(keras.Model):
             if seed is None:
                 # The first replica's keys for everyone (see dp_bitfit_keras.distribute).
                 noise_key, *rest = distribute.broadcast_from_first_replica(
-                    strategy, [optimizer._noise_key.numpy()] + ([key] if key is not None else []))
-                optimizer._noise_key.assign(noise_key)
+                    strategy, [optimizer.noise_key()] + ([key] if key is not None else []))
+                optimizer.set_noise_key(noise_key)
                 key = rest[0] if rest else None
             elif key is not None:
                 (key,) = distribute.broadcast_from_first_replica(strategy, [key])
         # Whole slices for every replica (and whole chunks of a k-th within each): pad the batch.
         multiple = strategy.num_replicas_in_sync * optimizer.accumulation_steps
         padded = -(-sampler.max_batch_size // multiple) * multiple
-        rebuilt = sampling._poisson_batches(
+        rebuilt = sampling.poisson_batches_from_tensors(
             sampler.examples, sampler.sampling_rate, padded, steps_per_epoch=sampler.steps_per_epoch,
             seed=sampler.seed, micro_batches=1 if fold else sampler.micro_batches, key=key,
         )
@@ -550,7 +555,7 @@ class DPModel(keras.Model):
         # both are keyed by secret keys from the operating system.
         # (The arrays were checked above: no second pass over them.)
         examples = tf.nest.map_structure(tf.convert_to_tensor, (x, y))
-        dataset = sampling._poisson_batches(examples, q, padded, micro_batches=k, seed=self.optimizer.seed)
+        dataset = sampling.poisson_batches_from_tensors(examples, q, padded, micro_batches=k, seed=self.optimizer.seed)
         return dataset, q, q * n, n
 
     def _check_labels(self, x, y):
@@ -587,16 +592,16 @@ class _LedgerSync(keras.callbacks.Callback):
         if distribute.is_multi_worker(strategy):
             # After any BackupAndRestore: every worker must continue from the same state.
             distribute.check_workers_agree(strategy, dict(
-                dp_steps=optimizer.dp_steps, batches_seen=int(optimizer._batches_seen.numpy()),
+                dp_steps=optimizer.dp_steps, batches_seen=int(optimizer.batches_seen),
                 noise_multiplier=optimizer.noise_multiplier, weights=distribute.fingerprint(self.model.weights),
             ))
-        seen = int(optimizer._batches_seen.numpy())
+        seen = int(optimizer.batches_seen)
         if seen > 0:
             _revive_merged_lora(self.model.model, seen)
         # A run from an empty ledger ends exactly at its plan: only a restored (or continued)
         # ledger needs the per-step check, which reads the device each step.
         self._check_plan = seen > 0
-        self._planned = int(optimizer._planned_dp_steps.numpy())
+        self._planned = int(optimizer.planned_dp_steps)
         if self.sampler is not None and seen > 0:
             self.sampler.step.assign(seen)
 
@@ -625,7 +630,7 @@ def _revive_merged_lora(model, seed):
     is a valid LoRA run, not bit-identical to an uninterrupted one).
     """
     revived = []
-    for layer in selection._layers(model):
+    for layer in selection.layers_of(model):
         if not getattr(layer, "lora_enabled", False):
             continue
         factors = [v for v in layer._trainable_variables if v.name.startswith("lora_")]

@@ -17,9 +17,15 @@ import numpy as np
 import tensorflow as tf
 
 from dp_bitfit_keras.privacy import accounting, ledger, prng, queries
+from dp_bitfit_keras.privacy import clipping as clipping_lib
 
 _NO_BUDGET = np.iinfo(np.int64).max
-CLIPPING_STYLES = ("all_layer", "layer_wise", "param_wise", "group_wise")
+# keras.optimizers.Optimizer arguments a wrapper would silently ignore: they belong on the inner
+# optimizer (as keras.optimizers.LossScaleOptimizer says of its own).
+_INNER_OPTIMIZER_ARGUMENTS = (
+    "weight_decay", "clipnorm", "clipvalue", "global_clipnorm", "use_ema", "ema_momentum",
+    "ema_overwrite_frequency", "loss_scale_factor",
+)
 
 
 @keras.saving.register_keras_serializable(package="dp_bitfit_keras")
@@ -112,12 +118,12 @@ class DPOptimizer(keras.optimizers.Optimizer):
                 raise ValueError(f"target_epsilon must be > 0; got {target_epsilon}.")
             if target_delta is None or not 0 < target_delta < 1:
                 raise ValueError(f"target_epsilon needs target_delta in (0, 1); got {target_delta}.")
-        if clipping not in queries.CLIPPING:
-            raise ValueError(f"clipping must be one of {queries.CLIPPING}; got {clipping!r}.")
+        if clipping not in clipping_lib.CLIPPING:
+            raise ValueError(f"clipping must be one of {clipping_lib.CLIPPING}; got {clipping!r}.")
         if accountant not in accounting.ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {accounting.ACCOUNTANTS}; got {accountant!r}.")
-        if clipping_style not in CLIPPING_STYLES:
-            raise ValueError(f"clipping_style must be one of {CLIPPING_STYLES}; got {clipping_style!r}.")
+        if clipping_style not in clipping_lib.CLIPPING_STYLES:
+            raise ValueError(f"clipping_style must be one of {clipping_lib.CLIPPING_STYLES}; got {clipping_style!r}.")
         if (clipping_style == "group_wise") != (groups is not None):
             raise ValueError("groups is required with clipping_style='group_wise', and only there.")
         if groups is not None and not callable(groups):
@@ -137,6 +143,13 @@ class DPOptimizer(keras.optimizers.Optimizer):
             raise ValueError(f"gradient_accumulation_steps must be an int >= 1; got {gradient_accumulation_steps!r}.")
         if noise_generator not in prng.GENERATORS:
             raise ValueError(f"noise_generator must be one of {prng.GENERATORS}; got {noise_generator!r}.")
+        for argument in _INNER_OPTIMIZER_ARGUMENTS:
+            if argument in kwargs:
+                raise ValueError(
+                    f"DPOptimizer does not support `{argument}`: set it on the inner optimizer, e.g. "
+                    f"DPOptimizer(keras.optimizers.Adam(1e-3, {argument}=...), ...). There it acts on the "
+                    "noised average (post-processing, no privacy cost); per-example clipping is `l2_norm_clip`."
+                )
         kwargs.pop("learning_rate", None)  # Present in configs; the inner optimizer owns it.
         super().__init__(learning_rate=0.0, name=name or "dp_optimizer", **kwargs)
         self.inner_optimizer = optimizer
@@ -156,13 +169,9 @@ class DPOptimizer(keras.optimizers.Optimizer):
         self.clip_learning_rate = float(clip_learning_rate)
         self.clipped_count_stddev = clipped_count_stddev
         self.accumulation_steps = gradient_accumulation_steps
-        # One 0/1 tensor (or None) per trained variable: sparse fine-tuning (SPARTA) trains only
-        # the 1 entries; their per-example gradients are clipped and noised, the rest stay put.
-        self.gradient_masks = None
-        # SPARTA's selection statistic: each example's gradient replaced by its entrywise
-        # absolute value before clipping. ‖|g|‖ = ‖g‖, so the clip factor, and with it the
-        # sensitivity C of the sum, are those of the signed gradient.
-        self.absolute_gradients = False
+        # Set by DPModel.fit under several replicas with accumulation: the step then takes the
+        # whole Poisson batch and clips it chunk by chunk (the accumulation happens inside it).
+        self.fold_accumulation = False
         self._query = queries.SeededGaussianSumQuery(self.l2_norm_clip, 0.0, noise_generator)
         self._adaptive_query = None
 
@@ -285,22 +294,7 @@ class DPOptimizer(keras.optimizers.Optimizer):
     # --- The private step ------------------------------------------------------------------
 
     def _group_index(self, variables):
-        """Group index of each variable for the clipping style (None: one group)."""
-        if self.clipping_style == "all_layer":
-            return None
-        if self.clipping_style == "param_wise":
-            keys = list(range(len(variables)))
-        elif self.clipping_style == "layer_wise":
-            keys = [getattr(v, "path", v.name).rsplit("/", 1)[0] for v in variables]
-        elif callable(self.groups):
-            keys = [self.groups(v) for v in variables]
-        else:
-            keys = [
-                next((i for i, p in enumerate(self.groups) if re.search(p, getattr(v, "path", v.name))), len(self.groups))
-                for v in variables
-            ]
-        order = {}
-        return [order.setdefault(k, len(order)) for k in keys]
+        return clipping_lib.group_index(self.clipping_style, self.groups, variables)
 
     def apply_private_gradients(self, per_example_grads, trainable_variables, mask=None):
         """One DP-SGD step (or micro-step, with accumulation) from per-example gradients.
@@ -330,13 +324,7 @@ class DPOptimizer(keras.optimizers.Optimizer):
         """
         if not self.built:
             self.build(trainable_variables)
-        masks = self.gradient_masks
-        if masks is not None:
-            # Sparse fine-tuning: only the masked entries are trained; the clip (hence the
-            # sensitivity) is over those entries alone.
-            per_example_grads = [g if m is None else g * tf.cast(m, g.dtype)[None] for g, m in zip(per_example_grads, masks)]
-        if self.absolute_gradients:
-            per_example_grads = [tf.abs(g) for g in per_example_grads]
+        per_example_grads = self.transform_per_example_gradients(per_example_grads)
         clip = self._current_l2_norm_clip.value
         summed, norms = self._clip_and_sum(per_example_grads, clip, mask, self._group_index(trainable_variables))
         return summed, self._below(norms, clip, mask), norms
@@ -347,14 +335,14 @@ class DPOptimizer(keras.optimizers.Optimizer):
         `squared_norms[j]`: `[batch]` squared norms of variable j's per-example gradients;
         `weighted_sums[j](weights, keep)`: Σ_i weights_i · g_ij over the rows with `keep`.
         The clip factors, padding and non-finite handling and clipping styles are those of
-        `clipped_sum` (the same `queries.clip_weights`), so both give the same sums.
+        `clipped_sum` (the same `clipping_lib.clip_weights`), so both give the same sums.
         """
         if not self.built:
             self.build(trainable_variables)
-        if self.gradient_masks is not None or self.absolute_gradients:
-            raise ValueError("Masked or absolute per-example gradients (SPARTA) need the vectorized per-example path.")
+        if self.needs_per_example_gradients:
+            raise ValueError(f"{type(self).__name__} transforms per-example gradients: it needs the vectorized per-example path.")
         clip = self._current_l2_norm_clip.value
-        factors, index, norms, finite = queries.clip_weights(
+        factors, index, norms, finite = clipping_lib.clip_weights(
             squared_norms, clip, self.clipping, mask, self._group_index(trainable_variables)
         )
         summed = [
@@ -369,15 +357,51 @@ class DPOptimizer(keras.optimizers.Optimizer):
         real = tf.ones_like(norms) if mask is None else tf.cast(tf.reshape(mask, [-1]) > 0, tf.float32)
         return tf.reduce_sum(real * (tf.cast(norms <= clip, tf.float32) - 0.5))
 
-    def apply_clipped_sum(self, summed, below, trainable_variables):
-        """Noise a batch's clipped sum once and step (or accumulate a micro-batch's)."""
+    # --- Hooks for methods built on this step (SPARTA, DPZero) ------------------------------
+
+    @property
+    def needs_per_example_gradients(self) -> bool:
+        """Whether `transform_per_example_gradients` changes them (book-keeping cannot then run)."""
+        return False
+
+    def transform_per_example_gradients(self, per_example_grads):
+        """Hook before clipping: a subclass may map each example's gradient (the clip then
+        bounds what it returns, so the sensitivity stays C)."""
+        return per_example_grads
+
+    def transform_noised_sum(self, noised):
+        """Hook after the noise: post-processing of the released sum (no privacy cost)."""
+        return noised
+
+    def noise_stream(self):
+        """(secret key, step) tensors that key this step's noise. Randomness derived from them
+        (DPZero's directions) must use its own `prng` stream, never the noise's."""
+        return self._noise_key.value, self._dp_steps.value
+
+    def clip_tensor(self):
+        """The clip C of this step as a tensor (moves with adaptive clipping)."""
+        return self._current_l2_norm_clip.value
+
+    def expected_batch_size_tensor(self):
+        """The expected (logical) batch size that normalises the noised sum, as a tensor."""
+        return self._expected_batch_size.value
+
+    def apply_clipped_sum(self, summed, below, trainable_variables, to_gradients=None):
+        """Noise a batch's clipped sum once and step (or accumulate a micro-batch's).
+
+        `to_gradients`: maps the noised sum to one gradient per trainable variable (DPZero's
+        scalar times its directions); post-processing, so any function is private. Not with
+        gradient accumulation.
+        """
+        if to_gradients is not None and self.accumulation_steps > 1 and not self.fold_accumulation:
+            raise ValueError("to_gradients does not accumulate: use gradient_accumulation_steps=1 (raise the batch size).")
         if not self.built:
             self.build(trainable_variables)
         context = tf.distribute.get_replica_context()
         replicas = context.num_replicas_in_sync if context is not None else 1
         # Under several replicas DPModel.fit hands the step the whole Poisson batch and clips it
-        # chunk by chunk (`_fold_accumulation`): the accumulation happens inside the step.
-        folded = getattr(self, "_fold_accumulation", False)
+        # chunk by chunk (`fold_accumulation`): the accumulation happens inside the step.
+        folded = self.fold_accumulation
         if replicas > 1:
             if self.accumulation_steps > 1 and not folded:
                 raise ValueError(
@@ -387,7 +411,7 @@ class DPOptimizer(keras.optimizers.Optimizer):
             summed, below = context.all_reduce(tf.distribute.ReduceOp.SUM, [summed, below])
         self._batches_seen.assign_add(1)
         if self.accumulation_steps == 1 or folded:
-            self._noise_and_step(summed, below, trainable_variables, replicas)
+            self._noise_and_step(summed, below, trainable_variables, replicas, expand=to_gradients)
             return
         for acc, g in zip(self._accumulators, summed):
             acc.assign_add(tf.cast(g, tf.float32))
@@ -403,31 +427,8 @@ class DPOptimizer(keras.optimizers.Optimizer):
 
         tf.cond(self._batches_seen.value % self.accumulation_steps == 0, flush, lambda: tf.constant(False))
 
-    def apply_private_projection(self, per_example_scalars, directions, trainable_variables, mask=None):
-        """A zeroth-order DP step (DPZero): per-example scalars d_i (directional derivatives).
-
-        Each d_i is clipped to [-C, C] (a 1-D clip is the L2 clip), summed, noised by the same
-        Gaussian query and ledger as every other step, divided by the expected batch size, and
-        the gradient handed to the inner optimizer is that scalar times `directions` (one
-        tensor per variable). Returns the noisy mean scalar.
-        """
-        if not self.built:
-            self.build(trainable_variables)
-        if self.accumulation_steps > 1:
-            raise ValueError("DPZero steps do not accumulate: use gradient_accumulation_steps=1 (raise the batch size).")
-        summed, _ = queries.clipped_sum([per_example_scalars[:, None]], self._current_l2_norm_clip.value, self.clipping, mask)
-        self._batches_seen.assign_add(1)
-        released = []
-
-        def expand(noised):
-            released.append(noised[0][0])
-            return [noised[0][0] * tf.cast(d, tf.float32) for d in directions]
-
-        self._noise_and_step(summed, tf.constant(0.0), trainable_variables, 1, expand=expand)
-        return released[0] / tf.cast(self._expected_batch_size.value, tf.float32)
-
     def _clip_and_sum(self, per_example_grads, clip, mask, groups):
-        return queries.clipped_sum(per_example_grads, clip, self.clipping, mask, groups)
+        return clipping_lib.clipped_sum(per_example_grads, clip, self.clipping, mask, groups)
 
     def _noise_stddev(self, sigma, clip):
         return sigma * clip
@@ -450,8 +451,7 @@ class DPOptimizer(keras.optimizers.Optimizer):
         scale = tf.cast(self._expected_batch_size.value, tf.float32) * replicas
         if expand is not None:
             noised = expand(noised)
-        if self.gradient_masks is not None:
-            noised = [g if m is None else g * tf.cast(m, g.dtype) for g, m in zip(noised, self.gradient_masks)]
+        noised = self.transform_noised_sum(noised)
         grads = [g / tf.cast(scale, g.dtype) for g in noised]
 
         def step():
@@ -484,6 +484,25 @@ class DPOptimizer(keras.optimizers.Optimizer):
     @property
     def dp_steps(self) -> int:
         return int(self._dp_steps.numpy()) if self.built else 0
+
+    @property
+    def batches_seen(self) -> int:
+        """Micro-batches consumed (a resumed run's sampler continues after them)."""
+        return int(self._batches_seen.numpy()) if self.built else 0
+
+    @property
+    def planned_dp_steps(self) -> int:
+        """The step count at which the current run's plan ends."""
+        return int(self._planned_dp_steps.numpy())
+
+    def noise_key(self):
+        """The secret noise key (`[8]` int64): whoever holds it can regenerate and remove the
+        noise. Only for handing it to the other workers of the same run."""
+        return self._noise_key.numpy()
+
+    def set_noise_key(self, key):
+        """Replaces the secret noise key (the workers of one run share the first one's)."""
+        self._noise_key.assign(key)
 
     def begin_run(self, sampling_rate, expected_batch_size, planned_steps, num_examples=None):
         """Fixes q and the batch normalizer for this run and, if asked, calibrates σ.

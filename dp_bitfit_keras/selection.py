@@ -66,11 +66,11 @@ class Selection:
         )
 
 
-def _layers(model: keras.Layer) -> list:
+def layers_of(model: keras.Layer) -> list:
     return list(model._flatten_layers(include_self=True, recursive=True))
 
 
-def _size(variable) -> int:
+def size_of(variable) -> int:
     n = 1
     for d in variable.shape:
         n *= int(d)
@@ -84,7 +84,7 @@ def bias_variables(model: keras.Layer) -> list:
     convention for custom layers).
     """
     found = []
-    for layer in _layers(model):
+    for layer in layers_of(model):
         if isinstance(layer, _BETA_LAYERS):
             candidate = getattr(layer, "beta", None)
         elif isinstance(layer, _BIAS_LAYERS):
@@ -104,7 +104,7 @@ def lora_variables(model: keras.Layer) -> list:
     """The LoRA factors Keras adds with `layer.enable_lora(rank)` / keras-hub's
     `backbone.enable_lora(rank)` (`lora_kernel_a/_b`, `lora_embeddings_a/_b`)."""
     found = []
-    for layer in _layers(model):
+    for layer in layers_of(model):
         if getattr(layer, "lora_enabled", False):
             found += [v for v in layer._trainable_variables if v.name.startswith("lora_")]
     return found
@@ -122,13 +122,13 @@ def enable_lora(model: keras.Layer, rank: int = 8) -> list:
     if not (isinstance(rank, int) and rank >= 1):
         raise ValueError(f"rank must be an int >= 1; got {rank!r}.")
     # A keras-hub backbone: the model itself, its `.backbone`, or a layer inside a wrapper model.
-    backbone = next((layer for layer in _layers(model) if hasattr(layer, "default_lora_layer_names")), None)
+    backbone = next((layer for layer in layers_of(model) if hasattr(layer, "default_lora_layer_names")), None)
     if backbone is not None and hasattr(backbone, "enable_lora"):
         backbone.enable_lora(rank)
-        return [layer for layer in _layers(backbone) if getattr(layer, "lora_enabled", False)]
+        return [layer for layer in layers_of(backbone) if getattr(layer, "lora_enabled", False)]
     head = head_layer(model)
     enabled = []
-    for layer in _layers(model):
+    for layer in layers_of(model):
         if layer is head or not hasattr(layer, "enable_lora") or isinstance(layer, keras.layers.Embedding):
             continue
         if isinstance(getattr(layer, "kernel", None), keras.Variable) or getattr(layer, "_kernel", None) is not None:
@@ -143,7 +143,7 @@ def enable_lora(model: keras.Layer, rank: int = 8) -> list:
 def head_layer(model: keras.Layer):
     """The last layer (depth-first, in model order) that owns a `kernel`: the classifier head."""
     head = None
-    for layer in _layers(model):
+    for layer in layers_of(model):
         if isinstance(getattr(layer, "kernel", None), keras.Variable):
             head = layer
     return head
@@ -155,7 +155,7 @@ def check_per_example_separable(model: keras.Layer) -> None:
     Raises:
         ValueError: naming the first such layer (a trainable BatchNormalization) and the fix.
     """
-    for layer in _layers(model):
+    for layer in layers_of(model):
         if isinstance(layer, _BATCH_COUPLING_LAYERS) and layer.trainable:
             raise ValueError(
                 f"Layer '{layer.name}' ({type(layer).__name__}) normalizes with statistics of the "
@@ -232,8 +232,8 @@ def select_variables(model: keras.Layer, trainable: TrainableSpec = "bias") -> S
         )
     return Selection(
         variables=tuple(chosen),
-        num_trainable=sum(_size(v) for v in chosen),
-        num_total=sum(_size(v) for v in model.weights),
+        num_trainable=sum(size_of(v) for v in chosen),
+        num_total=sum(size_of(v) for v in model.weights),
         head=head,
     )
 

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 import dp_bitfit_keras as dpk
 from dp_bitfit_keras import audit
-from dp_bitfit_keras.privacy import queries
+from dp_bitfit_keras.privacy import clipping
 
 SIGMA, CLIP, TRIALS = 2.0, 0.1, 600
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -19,7 +19,7 @@ LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 class NoClipping(dpk.DPOptimizer):
     def _clip_and_sum(self, grads, clip, mask, groups):
-        return queries.clipped_sum(grads, 1e9, "abadi", mask)
+        return clipping.clipped_sum(grads, 1e9, "abadi", mask)
 
 
 class NoNoise(dpk.DPOptimizer):
@@ -34,7 +34,7 @@ class NoisePerMicroBatch(dpk.DPOptimizer):
     k = 64
 
     def _clip_and_sum(self, grads, clip, mask, groups):
-        sums, norms = queries.clipped_sum(grads, clip, "abadi", mask)
+        sums, norms = clipping.clipped_sum(grads, clip, "abadi", mask)
         noise = [tf.random.normal(s.shape, stddev=tf.cast(self._noise_multiplier.value, tf.float32) * clip / self.k) for s in sums]
         for _ in range(self.k - 1):
             noise = [a + tf.random.normal(s.shape, stddev=tf.cast(self._noise_multiplier.value, tf.float32) * clip / self.k) for a, s in zip(noise, sums)]

@@ -37,7 +37,7 @@ def _both(model, x, y, variables, sample_weight=None, clip=1.0, training=False, 
 
     @tf.function(jit_compile=True, autograph=False)
     def vectorized(x, y, sample_weight):
-        grads, _, _ = gradients._per_example(model, LOSS, x, y, variables, sample_weight, training=training, on_fallback="ignore")
+        grads, _, _ = gradients.per_example_outputs(model, LOSS, x, y, variables, sample_weight, training=training, on_fallback="ignore")
         summed, _, norms = opt.clipped_sum(grads, variables, mask)
         return summed, norms
 

@@ -4,22 +4,22 @@ import pytest
 import tensorflow as tf
 
 import dp_bitfit_keras as dpk
-from dp_bitfit_keras.privacy import queries
+from dp_bitfit_keras.privacy import clipping
 
 
-@pytest.mark.parametrize("clipping", ["abadi", "automatic"])
-def test_clipped_norms_never_exceed_the_bound(clipping):
+@pytest.mark.parametrize("style", ["abadi", "automatic"])
+def test_clipped_norms_never_exceed_the_bound(style):
     norms = tf.constant([0.0, 1e-6, 0.05, 0.1, 0.5, 3.0, 1e4])
-    clipped = norms * queries.clip_factors(norms, 0.1, clipping)
+    clipped = norms * clipping.clip_factors(norms, 0.1, style)
     assert float(tf.reduce_max(clipped)) <= 0.1 * (1 + 1e-6)  # float32 round-off only.
-    if clipping == "abadi":
+    if style == "abadi":
         np.testing.assert_allclose(clipped.numpy()[:4], norms.numpy()[:4], rtol=1e-6)  # Short ones untouched.
 
 
 def test_clipped_sum_bounds_each_example_over_all_variables():
     grads = [tf.random.normal((6, 3, 2)) * 10, tf.random.normal((6, 5))]
     mask = tf.constant([1, 1, 1, 1, 0, 1], tf.float32)
-    sums, norms = queries.clipped_sum(grads, 1.0, "abadi", mask)
+    sums, norms = clipping.clipped_sum(grads, 1.0, "abadi", mask)
     factors = tf.minimum(1.0, 1.0 / norms) * mask
     expected = [tf.einsum("b,b...->...", factors, g) for g in grads]
     for a, e in zip(sums, expected):
@@ -110,3 +110,12 @@ def test_config_round_trip():
     clone = dpk.DPOptimizer.from_config(opt.get_config())
     assert clone.get_config() == opt.get_config()
     assert float(clone.learning_rate.numpy()) == pytest.approx(3e-3)
+
+
+@pytest.mark.parametrize("argument", ["clipnorm", "clipvalue", "global_clipnorm", "use_ema", "ema_momentum",
+                                      "weight_decay", "loss_scale_factor", "ema_overwrite_frequency"])
+def test_arguments_the_wrapper_would_ignore_are_refused(argument):
+    value = True if argument == "use_ema" else 0.5
+    with pytest.raises(ValueError, match=f"does not support `{argument}`: set it on the inner optimizer"):
+        dpk.DPOptimizer(keras.optimizers.SGD(0.1), 1.0, 1.0, **{argument: value})
+    dpk.DPOptimizer(keras.optimizers.SGD(0.1, **{argument: value}), 1.0, 1.0)  # where it belongs

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 import dp_bitfit_keras as dpk
-from dp_bitfit_keras.privacy import queries
+from dp_bitfit_keras.privacy import clipping
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -52,8 +52,8 @@ def test_grouped_clipping_bounds_each_group_and_the_whole(style):
     # Clip each example on its own (batch of one) and check each group's and the total norm.
     for i in range(16):
         one = [g[i : i + 1] for g in grads]
-        clipped, _ = queries.clipped_sum(one, 1.0, "abadi", groups=groups)
-        by_group = queries.group_norms([c[None] for c in clipped], groups, expected_groups)[0].numpy()
+        clipped, _ = clipping.clipped_sum(one, 1.0, "abadi", groups=groups)
+        by_group = clipping.group_norms([c[None] for c in clipped], groups, expected_groups)[0].numpy()
         assert np.all(by_group <= 1.0 / np.sqrt(expected_groups) + 1e-5)
         total = np.sqrt(sum(float(tf.reduce_sum(tf.square(c))) for c in clipped))
         assert total <= 1.0 + 1e-5
@@ -98,7 +98,7 @@ def test_adaptive_clip_tracks_the_median_norm_and_is_accounted():
     model.optimizer.l2_norm_clip = 50.0
     model.optimizer._current_l2_norm_clip.assign(50.0)
     grads = dpk.per_example_gradients(base, keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None), x, y)
-    median = float(np.median(queries.per_example_norms(grads).numpy()))
+    median = float(np.median(clipping.per_example_norms(grads).numpy()))
     for i in range(80):
         model.train_on_batch(x[(i % 4) * 64 : (i % 4 + 1) * 64], y[(i % 4) * 64 : (i % 4 + 1) * 64])
     clip = model.optimizer.current_l2_norm_clip

@@ -50,11 +50,13 @@ class PrivateRun:
         return cls(model, dataset, loss, l2_norm_clip, float(noise_multiplier), clipping, accountant, seed,
                    gradient_accumulation_steps)
 
-    def phase(self, trainable, inner: keras.optimizers.Optimizer, metrics=None, after: DPModel | None = None) -> DPModel:
-        """A compiled, built `DPModel` for one phase; `after`: the phase whose ledger it continues."""
+    def phase(self, trainable, inner: keras.optimizers.Optimizer, metrics=None, after: DPModel | None = None,
+              optimizer_class=DPOptimizer) -> DPModel:
+        """A compiled, built `DPModel` for one phase; `after`: the phase whose ledger it continues;
+        `optimizer_class`: `DPOptimizer` or a subclass with the method's hooks."""
         dp_model = DPModel(self.model, trainable=trainable)
         dp_model.compile(
-            optimizer=DPOptimizer(inner, self.l2_norm_clip, self.noise_multiplier, clipping=self.clipping,
+            optimizer=optimizer_class(inner, self.l2_norm_clip, self.noise_multiplier, clipping=self.clipping,
                                   accountant=self.accountant, seed=self.seed,
                                   gradient_accumulation_steps=self.accumulation_steps),
             loss=self.loss, metrics=metrics,

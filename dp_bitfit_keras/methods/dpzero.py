@@ -14,7 +14,7 @@ import keras
 import tensorflow as tf
 
 from dp_bitfit_keras.model import DPModel, example_mask
-from dp_bitfit_keras.privacy import prng
+from dp_bitfit_keras.privacy import clipping, prng
 
 # The paper's defaults (for OPT/RoBERTa-size models).
 DEFAULT_PERTURBATION = 1e-3
@@ -50,7 +50,7 @@ class DPZeroModel(DPModel):
         # Stateless: z of step t is a function of (noise key, t), so it is never stored and a
         # resumed run draws the same directions. Its own streams, so z never reuses the noise's.
         opt = self.optimizer
-        key, step = opt._noise_key.value, opt._dp_steps.value
+        key, step = opt.noise_stream()
         return prng.normal_list(key, [v.shape for v in variables], step, prng.DPZERO_DIRECTION,
                                 generator=opt.noise_generator)
 
@@ -83,11 +83,34 @@ class DPZeroModel(DPModel):
             scalars = scalars * tf.cast(tf.reshape(sample_weight, [-1]), tf.float32)
         mask = example_mask(sample_weight)
         with tf.control_dependencies([minus]):
-            projected = self.optimizer.apply_private_projection(scalars, z, variables, mask)
+            projected = private_projection(self.optimizer, scalars, z, variables, mask)
         self._track_loss(0.5 * (plus + minus), mask)
         metrics = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         # The released (noisy) projected gradient: post-processing of the DP output.
         return dict(metrics, projected_grad=projected)
+
+
+def private_projection(optimizer, per_example_scalars, directions, trainable_variables, mask=None):
+    """A zeroth-order DP step (DPZero) on the optimizer's one clip-and-noise path.
+
+    Each per-example scalar d_i (a directional derivative) is clipped to [-C, C] (a 1-D clip is
+    the L2 clip), summed, noised by the optimizer's Gaussian query and ledger like every other
+    step, divided by the expected batch size, and the gradient handed to the inner optimizer is
+    that scalar times `directions` (post-processing). Returns the noisy mean scalar.
+    """
+    if optimizer.accumulation_steps > 1:
+        raise ValueError("DPZero steps do not accumulate: use gradient_accumulation_steps=1 (raise the batch size).")
+    if not optimizer.built:
+        optimizer.build(trainable_variables)
+    summed, _ = clipping.clipped_sum([per_example_scalars[:, None]], optimizer.clip_tensor(), optimizer.clipping, mask)
+    released = []
+
+    def to_gradients(noised):
+        released.append(noised[0][0])
+        return [noised[0][0] * tf.cast(d, tf.float32) for d in directions]
+
+    optimizer.apply_clipped_sum(summed, tf.constant(0.0), trainable_variables, to_gradients=to_gradients)
+    return released[0] / tf.cast(optimizer.expected_batch_size_tensor(), tf.float32)
 
 
 def dpzero(model: keras.Model, trainable="all", perturbation: float = DEFAULT_PERTURBATION) -> DPZeroModel:

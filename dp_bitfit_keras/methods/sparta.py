@@ -45,6 +45,7 @@ import tensorflow as tf
 
 from dp_bitfit_keras.methods._run import PrivateRun
 from dp_bitfit_keras.model import DPModel
+from dp_bitfit_keras.optimizer import DPOptimizer
 from dp_bitfit_keras.selection import bias_variables, head_layer
 
 VARIANTS = ("published", "signed")
@@ -65,6 +66,45 @@ class NoisySumAccumulator(keras.optimizers.Optimizer):
 
     def update_step(self, gradient, variable, learning_rate):
         self.sums[self._get_variable_index(variable)].assign_add(tf.cast(gradient, tf.float32))
+
+    def sum_for(self, variable):
+        """The accumulated sum of `variable`'s gradients."""
+        return self.sums[self._get_variable_index(variable)]
+
+
+@keras.saving.register_keras_serializable(package="dp_bitfit_keras")
+class SparseDPOptimizer(DPOptimizer):
+    """`DPOptimizer` with SPARTA's hooks on the shared clip-and-noise step.
+
+    `gradient_masks`: one 0/1 tensor (or None) per trained variable; only the 1 entries are
+    trained: each example's gradient is masked before clipping, so the clip (hence the
+    sensitivity C) is over those entries alone, and the noise is masked after (post-processing).
+    `absolute_gradients`: the selection statistic, each example's gradient replaced by its
+    entrywise absolute value before clipping. ‖|g|‖ = ‖g‖, so the clip factor, and with it the
+    sensitivity C of the sum, are those of the signed gradient. Neither is saved in the config.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gradient_masks = None
+        self.absolute_gradients = False
+
+    @property
+    def needs_per_example_gradients(self) -> bool:
+        return self.gradient_masks is not None or self.absolute_gradients
+
+    def transform_per_example_gradients(self, per_example_grads):
+        if self.gradient_masks is not None:
+            per_example_grads = [g if m is None else g * tf.cast(m, g.dtype)[None]
+                                 for g, m in zip(per_example_grads, self.gradient_masks)]
+        if self.absolute_gradients:
+            per_example_grads = [tf.abs(g) for g in per_example_grads]
+        return per_example_grads
+
+    def transform_noised_sum(self, noised):
+        if self.gradient_masks is None:
+            return noised
+        return [g if m is None else g * tf.cast(m, g.dtype) for g, m in zip(noised, self.gradient_masks)]
 
 
 def default_candidates(variable) -> bool:
@@ -218,12 +258,12 @@ def sparta_fit(
 
     # Phase 1: noisy sums of the candidates' clipped (absolute) per-example gradients, averaged.
     accumulator = NoisySumAccumulator()
-    selector = run.phase(lambda v: id(v) in chosen, accumulator)
+    selector = run.phase(lambda v: id(v) in chosen, accumulator, optimizer_class=SparseDPOptimizer)
     selector.optimizer.absolute_gradients = variant == "published"
     selector.fit(run.dataset, epochs=selection_epochs, callbacks=callbacks, **fit_kwargs)
     variables = list(selector.selection.variables)
     steps = max(selector.optimizer.dp_steps, 1)
-    scores = [accumulator.sums[accumulator._get_variable_index(v)].numpy() / steps for v in variables]
+    scores = [accumulator.sum_for(v).numpy() / steps for v in variables]
     if variant == "published":
         axes = [output_axes(model, v) for v in variables]
         masks = select_rows(scores, density, axes, pool="sum")
@@ -243,7 +283,8 @@ def sparta_fit(
     for v in model.weights:  # phase 1 froze everything but the candidates
         if id(v) in train_ids:
             v.trainable = True
-    trainer = run.phase(lambda v: id(v) in train_ids, optimizer or keras.optimizers.Adam(1e-3), metrics, after=selector)
+    trainer = run.phase(lambda v: id(v) in train_ids, optimizer or keras.optimizers.Adam(1e-3), metrics, after=selector,
+                        optimizer_class=SparseDPOptimizer)
     trainer.optimizer.gradient_masks = [
         tf.constant(by_path[v.path]) if v.path in by_path else None for v in trainer.selection.variables
     ]

@@ -5,7 +5,7 @@ non-finite; summed into a step it would turn every trained weight into NaN exact
 example is sampled, so the released model would disclose its membership. `DPModel.fit` and
 `poisson_batches` therefore check the data they hold in memory and raise a `ValueError` naming
 the first offending example before anything is trained. (Inside the step, an example whose
-gradient is still not finite gets weight 0: `queries.clipped_sum`.)
+gradient is still not finite gets weight 0: `privacy.clipping.clipped_sum`.)
 """
 
 from __future__ import annotations

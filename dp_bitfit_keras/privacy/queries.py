@@ -1,7 +1,6 @@
-"""Clip and noise: the one path every training method uses.
+"""Noise: the one path every training method uses, after `clipping.clipped_sum`.
 
-Per-example clipping is done here, vectorized over the batch (TF Privacy's `preprocess_record`
-inside `vectorized_map` falls back to a slow while_loop). The sum is then handed to a TF Privacy
+The clipped sum is handed to a TF Privacy
 `GaussianSumQuery`, whose noise is drawn by `prng.normal` (ChaCha20, sum of 4 Gaussians) from a
 secret key the optimizer keeps and the step number, so a resumed run continues the same stream
 and no (key, step, variable) stream is used twice.
@@ -17,10 +16,6 @@ import tensorflow as tf
 from dp_bitfit_keras._compat import GaussianSumQuery
 from dp_bitfit_keras._compat import QuantileAdaptiveClipSumQuery
 from dp_bitfit_keras.privacy import prng
-
-CLIPPING = ("abadi", "automatic")
-# Stability constant of automatic clipping (Bu et al., "Automatic clipping", and DP-BiTFiT code).
-AUTOMATIC_CLIPPING_GAMMA = 0.01
 
 
 class SeededGaussianSumQuery(GaussianSumQuery):
@@ -50,100 +45,6 @@ class SeededGaussianSumQuery(GaussianSumQuery):
         noised = [v + z for v, z in zip(flat, noise)]
         event = dp_accounting.GaussianDpEvent(global_state.stddev / global_state.l2_norm_clip)
         return tf.nest.pack_sequence_as(sample_state, noised), global_state, event
-
-
-def _squared_norms(per_example_grads):
-    """Each variable's per-example squared L2 norm: a list of `[batch]` float32 tensors."""
-    return [
-        tf.reduce_sum(tf.reshape(tf.square(tf.cast(g, tf.float32)), [tf.shape(g)[0], -1]), axis=1)
-        for g in per_example_grads
-    ]
-
-
-def per_example_norms(per_example_grads):
-    """Global L2 norm of each example's gradient over all variables: `[batch]`, in float32."""
-    return tf.sqrt(tf.add_n(_squared_norms(per_example_grads)))
-
-
-def clip_factors(norms, l2_norm_clip, clipping="abadi"):
-    """Per-example scale so that each clipped gradient has norm ≤ `l2_norm_clip`.
-
-    `"abadi"`: min(1, C/‖g‖). `"automatic"`: C/(‖g‖ + 0.01), always rescaling (Bu et al.).
-    """
-    if clipping == "abadi":
-        return tf.minimum(1.0, l2_norm_clip / tf.maximum(norms, 1e-12))
-    if clipping == "automatic":
-        return l2_norm_clip / (norms + AUTOMATIC_CLIPPING_GAMMA)
-    raise ValueError(f"clipping must be one of {CLIPPING}; got {clipping!r}.")
-
-
-def group_norms(per_example_grads, groups, num_groups):
-    """Per-example L2 norm of each group of variables: `[batch, num_groups]`, in float32.
-
-    `groups[j]` is the group index of variable j.
-    """
-    return _group_norms_of(_squared_norms(per_example_grads), groups, num_groups)
-
-
-def _group_norms_of(squared, groups, num_groups):
-    per_group = [tf.add_n([sq for sq, k in zip(squared, groups) if k == group]) for group in range(num_groups)]
-    return tf.sqrt(tf.stack(per_group, axis=1))
-
-
-def clip_weights(squared_norms, l2_norm_clip, clipping="abadi", mask=None, groups=None):
-    """Every example's clip factor, from each variable's per-example squared norms.
-
-    Returns `(factors [batch, G], index, norms [batch], finite [batch])`: variable j's clipped
-    sum is Σ_i factors[i, index[j]] · g_ij over the examples with `finite`; `norms` are the
-    global norms before clipping. Factors are 0 for masked rows (padding) and for examples
-    whose norm is not finite (see `clipped_sum`). `groups`: as in `clipped_sum`.
-    """
-    if groups is None:
-        norms = tf.sqrt(tf.add_n(list(squared_norms)))
-        factors = clip_factors(norms, l2_norm_clip, clipping)[:, None]
-        index = [0] * len(squared_norms)
-    else:
-        num_groups = max(groups) + 1
-        by_group = _group_norms_of(squared_norms, groups, num_groups)
-        norms = tf.sqrt(tf.reduce_sum(tf.square(by_group), axis=1))
-        factors = clip_factors(by_group, l2_norm_clip / tf.sqrt(float(num_groups)), clipping)
-        index = list(groups)
-    if mask is not None:
-        factors = factors * tf.cast(tf.reshape(mask, [-1, 1]), factors.dtype)
-    # A non-finite entry makes the example's norm inf or NaN (so does a finite gradient whose
-    # squares overflow: dropping it is as private as clipping it).
-    finite = tf.math.is_finite(norms)
-    factors = tf.where(finite[:, None], factors, 0.0)
-    return factors, index, norms, finite
-
-
-def kept_rows(t, keep):
-    """`t` `[batch, ...]` with the rows of the examples not kept set to 0 (0·NaN would be NaN)."""
-    return tf.where(tf.reshape(keep, [-1] + [1] * (len(t.shape) - 1)), t, tf.zeros_like(t))
-
-
-def clipped_sum(per_example_grads, l2_norm_clip, clipping="abadi", mask=None, groups=None):
-    """Σ_i mask_i · clip(g_i), per variable, and the per-example global norms before clipping.
-
-    `groups`: None (all-layer clipping: one norm over all variables, bound C), or the group
-    index of each variable; each group is then clipped to C/√G on its own (G groups), so an
-    example's whole clipped gradient still has norm ≤ C (layer-, param- and group-wise
-    clipping of the DP-BiTFiT paper, §3).
-
-    An example whose gradient is not finite (a NaN/inf feature that slipped past the input
-    checks, a loss that overflows, float16 overflow) gets weight 0 instead of turning the sum,
-    and then every weight, into NaN, which would both lose the run and reveal that the example
-    was sampled. Privacy: whether an example is dropped depends on that example alone (and the
-    current weights, which are public to the step), so adding or removing one example still
-    changes the sum by at most its clipped contribution, ≤ C: the sensitivity is unchanged.
-    """
-    factors, index, norms, finite = clip_weights(_squared_norms(per_example_grads), l2_norm_clip, clipping, mask, groups)
-    per_example_grads = [kept_rows(g, finite) for g in per_example_grads]
-    sums = [
-        tf.cast(tf.tensordot(factors[:, k], tf.cast(g, tf.float32), axes=[[0], [0]]), g.dtype)
-        for g, k in zip(per_example_grads, index)
-    ]
-    return sums, norms
 
 
 def noised_sum(query: SeededGaussianSumQuery, global_state, summed):

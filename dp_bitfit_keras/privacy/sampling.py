@@ -115,11 +115,11 @@ def poisson_batches(
     """
     examples = _materialize(dataset)
     checks.check_finite(examples, "data")
-    return _poisson_batches(examples, sampling_rate, max_batch_size, steps_per_epoch=steps_per_epoch, seed=seed,
+    return poisson_batches_from_tensors(examples, sampling_rate, max_batch_size, steps_per_epoch=steps_per_epoch, seed=seed,
                             overflow_probability=overflow_probability, micro_batches=micro_batches)
 
 
-def _poisson_batches(examples, sampling_rate, max_batch_size=None, *, steps_per_epoch=None, seed=None,
+def poisson_batches_from_tensors(examples, sampling_rate, max_batch_size=None, *, steps_per_epoch=None, seed=None,
                      overflow_probability=1e-9, micro_batches=1, key=None):
     """`poisson_batches` of tensors already in memory and already checked (`DPModel.fit` checks
     its arrays itself, naming them `x` and `y`). `key`: the sampling key itself (workers of one

@@ -512,11 +512,7 @@ def clipped_sums(model, loss_fn, x, y, variables, sample_weight, optimizer, *, m
                 "loss must return one value per example (use a Keras loss with reduction=None); "
                 f"got shape {tuple(losses.shape)}."
             )
-        if losses.shape.rank > 1:
-            losses = tf.reduce_mean(tf.reshape(losses, [tf.shape(losses)[0], -1]), axis=1)
-        weighted = losses
-        if sample_weight is not None:
-            weighted = losses * tf.cast(tf.reshape(sample_weight, [-1]), losses.dtype)
+        losses, weighted = gradients.weighted_example_losses(losses, sample_weight)
         total = tf.reduce_sum(tf.cast(weighted, tf.float32))
         if loss_scale is not None:
             total = total * loss_scale

@@ -222,7 +222,9 @@ def per_example_outputs(model, loss_fn, x, y, variables=None, sample_weight=None
     if y is not None:
         elems["y"] = y
     if sample_weight is not None:
-        elems["sample_weight"] = tf.reshape(sample_weight, [-1])
+        sample_weight = tf.convert_to_tensor(sample_weight)
+        per_token = sample_weight.shape.rank is not None and sample_weight.shape.rank >= 2
+        elems["sample_weight"] = sample_weight if per_token else tf.reshape(sample_weight, [-1])
 
     def one_example(example):
         x_i = tf.nest.map_structure(lambda t: t[None], example["x"])
@@ -230,11 +232,10 @@ def per_example_outputs(model, loss_fn, x, y, variables=None, sample_weight=None
         with tf.GradientTape() as tape:
             with _example_scope(example["index"], batch_size):
                 y_pred = model(x_i, training=training)
-            loss = loss_fn(y_i, y_pred)
-            loss = _one_loss(loss)
-            weighted = loss
-            if "sample_weight" in example:
-                weighted = loss * tf.cast(example["sample_weight"], loss.dtype)
+            loss = _one_loss(loss_fn(y_i, y_pred))
+            weight = example["sample_weight"][None] if "sample_weight" in example else None
+            loss, weighted = weighted_example_losses(loss, weight)
+            loss, weighted = loss[0], weighted[0]
             if loss_scale is not None:
                 weighted = tf.cast(weighted, tf.float32) * loss_scale
         grads = tape.gradient(weighted, variables)
@@ -278,4 +279,30 @@ def _one_loss(loss):
             f"e.g. keras.losses.SparseCategoricalCrossentropy(reduction=None)); got shape "
             f"{tuple(loss.shape)} for a batch of 1 example."
         )
-    return tf.reduce_mean(tf.reshape(loss, [1, -1]), axis=1)[0]
+    return loss
+
+
+def weighted_example_losses(losses, sample_weight=None):
+    """Each example's loss, and the loss its gradient is taken of: `(losses, weighted)`, `[batch]`.
+
+    `losses` is `[batch]` or `[batch, T, ...]` (e.g. per token); without weights an example's loss
+    is their mean. `sample_weight` `[batch]`: weighted = w_i · loss_i (0 removes an example).
+    `sample_weight` `[batch, T]` (per token): the example's loss is the weighted mean
+    Σ_t w_t·ℓ_t / Σ_t w_t (0 for an example without weighted tokens) and is taken as it is: the
+    sequence is the privacy unit, clipped once, so its sensitivity stays C whatever the weights.
+    """
+    losses = tf.convert_to_tensor(losses)
+    rows = tf.shape(losses)[0]
+    flat = tf.reshape(losses, [rows, -1])
+    if sample_weight is not None:
+        sample_weight = tf.convert_to_tensor(sample_weight)
+        if sample_weight.shape.rank is not None and sample_weight.shape.rank >= 2:
+            weights = tf.cast(tf.reshape(sample_weight, [rows, -1]), flat.dtype)
+            # A token of weight 0 contributes nothing, even if its loss is not finite.
+            terms = tf.where(weights > 0, weights * flat, tf.zeros_like(flat))
+            per = tf.math.divide_no_nan(tf.reduce_sum(terms, axis=1), tf.reduce_sum(weights, axis=1))
+            return per, per
+    per = tf.reduce_mean(flat, axis=1)
+    if sample_weight is None:
+        return per, per
+    return per, per * tf.cast(tf.reshape(sample_weight, [-1]), per.dtype)

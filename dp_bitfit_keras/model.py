@@ -54,8 +54,12 @@ def chunk_size_for(expected_rows: float, trainable_params: int, memory_budget: i
 
 
 def example_mask(sample_weight):
-    """1.0 for the examples of a batch, 0.0 for rows with weight 0 (padding); None if unweighted."""
-    return None if sample_weight is None else tf.cast(tf.reshape(sample_weight, [-1]) > 0, tf.float32)
+    """1.0 for the examples of a batch, 0.0 for rows with weight 0 (padding; per-token weights:
+    rows without a weighted token); None if unweighted."""
+    if sample_weight is None:
+        return None
+    weights = tf.convert_to_tensor(sample_weight)
+    return tf.cast(tf.reduce_any(tf.reshape(weights, [tf.shape(weights)[0], -1]) > 0, axis=1), tf.float32)
 
 
 @keras.saving.register_keras_serializable(package="dp_bitfit_keras")
@@ -383,6 +387,11 @@ class DPModel(keras.Model):
           - any other batched `tf.data.Dataset`: give `sampling_rate`; accounting then assumes
             Poisson sampling at that rate, which shuffled fixed-size batches only approximate.
 
+        Keras' `sample_weight` (arrays: `[n]`, or per token `[n, T]`: one example's loss is then
+        Σ_t w_t·ℓ_t / Σ_t w_t), `class_weight` (arrays with integer class labels),
+        `validation_split` (arrays: the last fraction is held out, as Keras does, and never
+        enters the private sampling), `validation_data` and `initial_epoch` work as in Keras.
+
         Data held in memory (arrays, `poisson_batches`) is checked before any step: a NaN/inf
         value, an integer label outside the model's classes or one-hot labels of the wrong
         width raise a `ValueError` naming the first offending row. Inside the step, an example
@@ -396,6 +405,7 @@ class DPModel(keras.Model):
         k = self.optimizer.accumulation_steps
         if (replicas > 1 or getattr(self, "_distribute_strategy", None) is not None) and self.steps_per_execution != 1:
             raise ValueError("Under a multi-replica strategy DPModel needs steps_per_execution=1 (the step budget is checked between steps).")
+        x, y, kwargs = self._hold_out_validation(x, y, kwargs)
         dataset, q, expected, n = self._private_data(x, y, batch_size, sampling_rate, kwargs)
         sampler = getattr(dataset, "dp_sampler", None)
         if replicas > 1 and sampler is None and (k > 1 or distribute.is_multi_worker(strategy)):
@@ -509,8 +519,41 @@ class DPModel(keras.Model):
             raise ValueError("Under a multi-replica strategy, train a DPModel with fit() on a dataset (Keras splits its batches over the replicas).")
         return super().train_on_batch(*args, **kwargs)
 
-    def _private_data(self, x, y, batch_size, sampling_rate, kwargs):
+    @staticmethod
+    def _hold_out_validation(x, y, kwargs):
+        """Keras' `validation_split` on arrays: the last fraction, before any sampling."""
+        split = kwargs.pop("validation_split", None) or 0.0
+        if not split:
+            return x, y, kwargs
         if isinstance(x, tf.data.Dataset):
+            raise ValueError("validation_split needs arrays; with a dataset, pass validation_data.")
+        if kwargs.get("validation_data") is not None:
+            raise ValueError("Give validation_split or validation_data, not both.")
+        if not 0 < split < 1:
+            raise ValueError(f"validation_split must be in (0, 1); got {split}.")
+        n = int(tf.nest.flatten(x)[0].shape[0])
+        held = int(n * split)
+        if not 0 < held < n:
+            raise ValueError(f"validation_split={split} of {n} examples leaves no training or no validation example.")
+        weights = kwargs.get("sample_weight")
+        first, last = (lambda t: t[: n - held]), (lambda t: t[n - held:])
+        validation = (tf.nest.map_structure(last, x), None if y is None else tf.nest.map_structure(last, y))
+        if weights is not None:
+            validation += (last(weights),)
+            kwargs["sample_weight"] = first(weights)
+        kwargs["validation_data"] = validation
+        return tf.nest.map_structure(first, x), None if y is None else tf.nest.map_structure(first, y), kwargs
+
+    def _private_data(self, x, y, batch_size, sampling_rate, kwargs):
+        weights = kwargs.pop("sample_weight", None)
+        class_weight = kwargs.pop("class_weight", None)
+        if isinstance(x, tf.data.Dataset):
+            if weights is not None or class_weight is not None:
+                raise ValueError(
+                    "With a dataset, sample weights come from the dataset: build it as "
+                    "poisson_batches((x, y, sample_weight), ...) (class weights folded into them); "
+                    "sample_weight= and class_weight= are for arrays."
+                )
             if y is not None:
                 raise ValueError("With a tf.data.Dataset, y comes from the dataset; got y too.")
             sampler = getattr(x, "dp_sampler", None)
@@ -538,12 +581,11 @@ class DPModel(keras.Model):
                 stacklevel=3,
             )
             return x, float(sampling_rate), float(static_batch), None
-        if kwargs.get("sample_weight") is not None:
-            raise ValueError("sample_weight with array inputs is not supported by DPModel.fit yet.")
         checks.check_finite(x, "x")
         checks.check_finite(y, "y")
         self._check_labels(x, y)
         n = int(tf.nest.flatten(x)[0].shape[0])
+        weights = checks.sample_weights(weights, class_weight, y, n)
         batch_size = batch_size or _DEFAULT_BATCH_SIZE
         if not 0 < batch_size <= n:
             raise ValueError(f"batch_size must be in [1, {n}] (the dataset size); got {batch_size}.")
@@ -554,7 +596,7 @@ class DPModel(keras.Model):
         # The optimizer's explicit seed (if any) makes the sample reproducible too; by default
         # both are keyed by secret keys from the operating system.
         # (The arrays were checked above: no second pass over them.)
-        examples = tf.nest.map_structure(tf.convert_to_tensor, (x, y))
+        examples = tf.nest.map_structure(tf.convert_to_tensor, (x, y) if weights is None else (x, y, weights))
         dataset = sampling.poisson_batches_from_tensors(examples, q, padded, micro_batches=k, seed=self.optimizer.seed)
         return dataset, q, q * n, n
 

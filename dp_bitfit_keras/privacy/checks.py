@@ -113,3 +113,39 @@ def output_width(model, x) -> int | None:
 
 
 __all__ = ["check_finite", "check_labels", "output_width"]
+
+
+def sample_weights(sample_weight, class_weight, y, num_examples: int):
+    """The per-example (or per-token) weights of a `fit` on arrays, checked: `sample_weight`
+    (`[n]` or `[n, T]`, finite, ≥ 0) times `class_weight[y_i]` (integer class labels); None if
+    neither is given. Weights scale an example's loss before clipping: the clip still bounds
+    each example, so any weights keep the guarantee."""
+    weights = None
+    if sample_weight is not None:
+        weights = np.asarray(_numpy(sample_weight), np.float32)
+        if weights.ndim not in (1, 2) or weights.shape[0] != num_examples:
+            raise ValueError(
+                f"sample_weight must be [n] or per token [n, T] with n = {num_examples}; got shape {weights.shape}."
+            )
+        check_finite(weights, "sample_weight")
+        if (weights < 0).any():
+            raise ValueError(f"sample_weight must be >= 0; {_where('sample_weight', *_first_bad(weights < 0))} is negative.")
+    if class_weight is not None:
+        if not isinstance(class_weight, dict) or not class_weight:
+            raise ValueError(f"class_weight must be a dict {{class index: weight}}; got {class_weight!r}.")
+        labels = np.asarray(_numpy(y))
+        if labels.ndim > 1 and labels.shape[-1] == 1:
+            labels = labels.reshape(labels.shape[:-1])
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(
+                "class_weight needs integer class labels, one per example (y of shape [n]); got "
+                f"{labels.dtype} labels of shape {labels.shape}. Fold the weights into sample_weight instead."
+            )
+        table = np.ones(int(max(max(class_weight), labels.max())) + 1, np.float32)
+        for label, value in class_weight.items():
+            if not (np.isfinite(value) and value >= 0):
+                raise ValueError(f"class_weight[{label}] must be finite and >= 0; got {value}.")
+            table[int(label)] = value
+        per_class = table[labels]
+        weights = per_class if weights is None else weights * per_class.reshape((-1,) + (1,) * (weights.ndim - 1))
+    return weights

@@ -82,8 +82,10 @@ def poisson_batches(
     """Poisson-sampled logical batches, padded to a static size, with a per-example mask.
 
     Args:
-        dataset: a finite `tf.data.Dataset` of single examples (`(x, y)`, dicts allowed), or a
-            tuple of arrays with the examples on the first axis. It is held in memory.
+        dataset: a finite `tf.data.Dataset` of single examples (`(x, y)` or
+            `(x, y, sample_weight)`, dicts allowed), or a tuple of arrays with the examples on
+            the first axis. It is held in memory. Sample weights are `[n]` or per token
+            `[n, T]`; the batches carry them times the padding mask.
         sampling_rate: q, the probability that an example joins a given step's batch
             (expected batch size / number of examples).
         max_batch_size: the padded size. A step whose sample is larger raises an
@@ -174,6 +176,9 @@ def poisson_batches_from_tensors(examples, sampling_rate, max_batch_size=None, *
         batch = tf.nest.map_structure(lambda t: tf.gather(t, padded), examples)
         if isinstance(batch, tuple) and len(batch) == 2:
             return batch[0], batch[1], mask
+        if isinstance(batch, tuple) and len(batch) == 3:  # (x, y, sample_weight): [n] or per token [n, T]
+            weights = tf.cast(batch[2], tf.float32)
+            return batch[0], batch[1], weights * tf.reshape(mask, [-1] + [1] * (len(weights.shape) - 1))
         return batch, mask
 
     # The step counter is shared state: keep the map sequential so steps are drawn in order.

@@ -6,6 +6,7 @@ resolver picked.
 """
 
 import importlib.metadata
+import importlib.util
 import os
 import sys
 
@@ -21,6 +22,14 @@ checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 assert not os.path.abspath(dpk.__file__).startswith(checkout + os.sep), f"imported the checkout: {dpk.__file__}"
 assert dpk.__version__ == importlib.metadata.version("dp-bitfit-keras"), (dpk.__version__, importlib.metadata.version("dp-bitfit-keras"))
 assert _compat.GaussianSumQuery is not None and _compat.QuantileAdaptiveClipSumQuery is not None
+# The slim install: the library alone, without the examples' packages (their extra) or code.
+required = [r.split(";")[0] for r in importlib.metadata.requires("dp-bitfit-keras") if "extra ==" not in r]
+for heavy in ("keras-hub", "tensorflow-datasets", "matplotlib", "absl-py", "scikit-learn"):
+    assert not any(r.startswith(heavy) for r in required), (heavy, required)
+for module in ("keras_hub", "tensorflow_datasets", "matplotlib", "dpk_examples"):
+    assert importlib.util.find_spec(module) is None, f"{module} is installed by the core wheel"
+files = [str(f) for f in importlib.metadata.files("dp-bitfit-keras")]
+assert not any(name in f for f in files for name in ("recipes.py", "tasks.py", "example_flags.py")), files
 
 rng = np.random.RandomState(0)
 x = rng.randn(256, 8).astype("float32")

@@ -26,6 +26,8 @@ import xla_memory  # noqa: I001  (sets XLA's dump flags: before TensorFlow)
 from rows import VOCAB, bert_batch, result_row, time_interleaved
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The examples' support code (dpk_examples) lives beside the binaries, outside the library.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 
 import keras  # noqa: E402
 import keras_hub  # noqa: E402
@@ -33,7 +35,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import dp_bitfit_keras as dpk  # noqa: E402
-from dp_bitfit_keras import recipes  # noqa: E402
+from dpk_examples import recipes  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")  # per-mode retracing notices: each mode is its own function
 

@@ -78,7 +78,7 @@ def build_bert(shape: dict, num_classes: int = 2, pooling: str = "cls"):
     becomes `transformer_layer_0_self_attention_layer/...`), so pretrained keras-hub weights load
     by name (`load_keras_hub_weights`). `pooling`: "cls" (tanh pooler on the first token, as
     `BertTextClassifier`) or "mean" (masked mean of the token states, as
-    `dp_bitfit_keras.text.bert_classifier`).
+    `dpk_examples.text.bert_classifier`).
     """
     layers = tf.keras.layers
     tf.keras.utils.set_random_seed(0)

@@ -78,7 +78,8 @@ def train():
         tf.config.threading.set_intra_op_parallelism_threads(int(os.environ["DPK_THREADS"]))
         tf.config.threading.set_inter_op_parallelism_threads(int(os.environ["DPK_THREADS"]))
     import dp_bitfit_keras as dpk
-    from dp_bitfit_keras import distribute, recipes, tasks
+    from dp_bitfit_keras import distribute
+    from dpk_examples import recipes, tasks
 
     # The strategy first: TF must form the cluster before it runs any other op.
     if os.environ.get("TF_CONFIG"):

@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
-from dp_bitfit_keras import example_flags, recipes, tasks  # noqa: E402
+from dpk_examples import example_flags, recipes, tasks  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "offline-digits", "'offline-digits' (CNN pretrained here on digits 0-4) or a keras-hub image classifier preset / directory.")

@@ -19,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
-from dp_bitfit_keras import example_flags, recipes, tasks, text  # noqa: E402
+from dpk_examples import example_flags, recipes, tasks, text  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "offline-minilm", "keras-hub preset name or local preset directory; "

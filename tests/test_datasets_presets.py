@@ -4,7 +4,7 @@ import keras_hub
 import numpy as np
 import tensorflow_datasets as tfds
 
-from dp_bitfit_keras import datasets, presets, text
+from dpk_examples import datasets, presets, text
 
 
 def test_tweet_corpus_counts_and_fixed_split():

@@ -96,7 +96,7 @@ def test_dp_lora_model_saves_and_loads_with_its_lora_layers(tmp_path):
     import keras_hub
 
     import dp_bitfit_keras as dpk
-    from dp_bitfit_keras import text
+    from dpk_examples import text
 
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.BertBackbone(vocabulary_size=30, num_layers=1, num_heads=2, hidden_dim=8,

@@ -17,10 +17,11 @@ import tensorflow_datasets as tfds
 from absl import app, flags
 
 import dp_bitfit_keras as dpk
-from dp_bitfit_keras import text
+from dpk_examples import text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
+sys.path.insert(0, os.path.join(ROOT, "research"))
 
 
 @pytest.fixture
@@ -148,7 +149,7 @@ def test_image_example_offline_digits_transfer(tmp_path):
     # Another optimizer with the default rate (meant for SGD) is refused before any work.
     with pytest.raises(app.UsageError, match="give its learning rate too"):
         _run_example("train_image_classifier", ["--optimizer=adam"])
-    from dp_bitfit_keras import datasets
+    from dpk_examples import datasets
 
     images = datasets.digits()[0][:5]
     np.testing.assert_allclose(_serve_images(export_dir, images), model.predict(images, verbose=0), rtol=1e-4, atol=1e-5)
@@ -171,7 +172,7 @@ def test_image_example_hub_path_with_local_vit_preset(tmp_path):
 
 
 def test_utility_sweep_writes_table_json_and_plot_and_resumes(tmp_path, monkeypatch):
-    from dp_bitfit_keras import tasks
+    from dpk_examples import tasks
 
     task = tasks.digits_transfer_task(pretrain_epochs=2, verbose=False)  # prepared once for the three calls
     monkeypatch.setattr(tasks, "digits_transfer_task", lambda **kwargs: task)
@@ -206,7 +207,7 @@ def test_utility_sweep_writes_table_json_and_plot_and_resumes(tmp_path, monkeypa
 
 
 def test_recipes_reject_bad_runs():
-    from dp_bitfit_keras import recipes
+    from dpk_examples import recipes
 
     data = (np.zeros((8, 2), "float32"), np.zeros(8, "int32"))
     build = lambda: keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])  # noqa: E731
@@ -224,7 +225,7 @@ def test_recipes_reject_bad_runs():
 
 @pytest.mark.parametrize("method", ["dp_full", "sparta"])
 def test_recipes_accumulate_micro_batches_into_logical_steps(method):
-    from dp_bitfit_keras import recipes
+    from dpk_examples import recipes
 
     rng = np.random.RandomState(0)
     x = rng.randn(160, 4).astype("float32")
@@ -240,7 +241,7 @@ def test_recipes_accumulate_micro_batches_into_logical_steps(method):
 
 
 def test_step_timer_sums_the_micro_batches_of_a_step():
-    from dp_bitfit_keras import recipes
+    from dpk_examples import recipes
 
     timer = recipes.StepTimer(group=3)
     for _ in range(9):
@@ -252,7 +253,7 @@ def test_step_timer_sums_the_micro_batches_of_a_step():
 @pytest.mark.skipif(importlib.util.find_spec("tf_keras") is None, reason="the TF Privacy peer needs the `legacy` extra (tf_keras)")
 @pytest.mark.parametrize("method", ["tfp_legacy_bitfit", "tfp_legacy_full"])
 def test_utility_sweep_peer_starts_from_our_model_and_is_accounted(tiny_preset, tmp_path, method):
-    from dp_bitfit_keras import tasks
+    from dpk_examples import tasks
 
     with tfds.testing.mock_data(num_examples=40):
         task = tasks.text_task(tiny_preset, "glue/sst2", max_examples=100, sequence_length=16, pooling="mean")
@@ -279,7 +280,7 @@ def test_utility_sweep_peer_starts_from_our_model_and_is_accounted(tiny_preset, 
 
 @pytest.mark.parametrize("method, optimizer", [("dp_bitfit_head", "sgd"), ("bitfit_head", "adam")])
 def test_recipes_linear_schedule_decays_to_zero_over_the_run(method, optimizer):
-    from dp_bitfit_keras import recipes
+    from dpk_examples import recipes
 
     rng = np.random.default_rng(0)
     data = (rng.normal(size=(64, 3)).astype("float32"), rng.integers(0, 2, 64).astype("int32"))
@@ -308,7 +309,7 @@ def test_recipes_linear_schedule_decays_to_zero_over_the_run(method, optimizer):
 
 @pytest.mark.parametrize("method, optimizer", [("dp_full", "sgd"), ("full", "adam")])
 def test_recipes_ema_ends_with_the_moving_average_of_the_iterates(method, optimizer):
-    from dp_bitfit_keras import recipes
+    from dpk_examples import recipes
 
     rng = np.random.default_rng(0)
     data = (rng.normal(size=(64, 3)).astype("float32"), rng.integers(0, 2, 64).astype("int32"))
@@ -339,7 +340,7 @@ def test_recipes_ema_ends_with_the_moving_average_of_the_iterates(method, optimi
 
 
 def test_recipes_noise_multiplier_replaces_the_epsilon_target():
-    from dp_bitfit_keras import recipes
+    from dpk_examples import recipes
 
     rng = np.random.default_rng(0)
     data = (rng.normal(size=(64, 3)).astype("float32"), rng.integers(0, 2, 64).astype("int32"))
@@ -368,7 +369,7 @@ def test_binaries_own_the_shared_flags():
 
 
 def test_recipes_zero_head_starts_the_head_at_zero():
-    from dp_bitfit_keras import recipes
+    from dpk_examples import recipes
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2, name="logits")])
     recipes.zero_head(model)
@@ -379,7 +380,7 @@ def test_recipes_zero_head_starts_the_head_at_zero():
 
 
 def test_accuracy_study_searches_resumes_and_reports(tmp_path, monkeypatch):
-    from dp_bitfit_keras import tasks
+    from dpk_examples import tasks
 
     task = tasks.digits_transfer_task(pretrain_epochs=2, verbose=False)
     monkeypatch.setattr(tasks, "digits_transfer_task", lambda **kwargs: task)
@@ -437,7 +438,7 @@ def test_accuracy_study_searches_resumes_and_reports(tmp_path, monkeypatch):
 
 
 def test_run_result_as_dict_does_not_copy_the_model():
-    from dp_bitfit_keras import recipes
+    from dpk_examples import recipes
 
     class Uncopyable:
         def __deepcopy__(self, memo):

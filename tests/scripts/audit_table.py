@@ -1,7 +1,7 @@
 """The README's privacy-audit table: the shipped configuration and the broken fakes of
 tests/test_audit.py, audited as the tests do (default secure keys, fresh per trial).
 
-    uv run python tests/scripts/audit_table.py --out=results/audit.json
+    uv run python tests/scripts/audit_table.py --out=research/results/audit.json
 """
 
 import json
@@ -16,7 +16,7 @@ from absl import app, flags  # noqa: E402
 import test_audit as t  # noqa: E402  (the fakes and the setup the tests use)
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", "results/audit.json", "JSON output; Markdown beside it.")
+flags.DEFINE_string("out", "research/results/audit.json", "JSON output; Markdown beside it.")
 
 ROWS = [
     ("DP-BiTFiT as shipped (secret ChaCha20 keys)", {}),

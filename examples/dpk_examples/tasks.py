@@ -9,7 +9,7 @@ from typing import Callable
 import keras
 import numpy as np
 
-from dp_bitfit_keras import datasets, presets, recipes, text
+from dpk_examples import datasets, presets, recipes, text
 
 
 @dataclasses.dataclass

@@ -1,4 +1,4 @@
-"""Copies result tables into the READMEs, so their figures come from runs, never typed by hand.
+"""Copies result tables into the READMEs and the docs pages, so their figures come from runs, never typed by hand.
 
     python benchmarks/readme_tables.py          # rewrite README.md and benchmarks/README.md
     python benchmarks/readme_tables.py --check  # exit 1 if a README is out of date
@@ -7,12 +7,16 @@ Between `<!-- include: <path> -->` and `<!-- end include -->` (path relative to 
 root) the README holds exactly that file's text, as the benchmark or sweep wrote it.
 """
 
+import glob
 import os
 import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-READMES = ("README.md", os.path.join("benchmarks", "README.md"))
+READMES = ("README.md", os.path.join("benchmarks", "README.md")) + tuple(
+    sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True)
+           if "assets" not in os.path.relpath(p, ROOT).split(os.sep))
+)
 BLOCK = re.compile(r"(<!-- include: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- end include -->)", re.S)
 
 

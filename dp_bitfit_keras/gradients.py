@@ -176,8 +176,8 @@ def per_example_gradients(
         >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
         >>> loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
         >>> grads = per_example_gradients(model, loss, tf.ones([4, 3]), tf.zeros([4], tf.int32))
-        >>> [tuple(g.shape) for g in grads]
-        [(4, 3, 2), (4, 2)]
+        >>> [tuple(g.shape) for g in grads] == [(4, 3, 2), (4, 2)]
+        True
     """
     grads, _, _ = per_example_outputs(
         model, loss_fn, x, y, variables, sample_weight, training=training, on_fallback=on_fallback

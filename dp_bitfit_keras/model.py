@@ -87,6 +87,10 @@ class DPModel(keras.Model):
         >>> model = DPModel(base, trainable="bias")
         >>> model.compile(optimizer=DPOptimizer(keras.optimizers.SGD(0.1), 1.0, 1.0),
         ...               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        >>> x, y = np.random.rand(64, 4).astype("float32"), np.arange(64) % 2
+        >>> history = model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+        >>> model.optimizer.dp_steps, 0 < model.privacy_spent(delta=1e-3)[0] < 100
+        (4, True)
     """
 
     def __init__(self, model, trainable="bias", **kwargs):

@@ -127,6 +127,12 @@ def clipped_sum(per_example_grads, l2_norm_clip, clipping="abadi", mask=None, gr
     was sampled. Privacy: whether an example is dropped depends on that example alone (and the
     current weights, which are public to the step), so adding or removing one example still
     changes the sum by at most its clipped contribution, ≤ C: the sensitivity is unchanged.
+
+    Example:
+        >>> grads = [tf.constant([[3.0, 4.0], [0.3, 0.4]])]   # norms 5 and 0.5
+        >>> sums, norms = clipped_sum(grads, 1.0)
+        >>> [round(float(v), 3) for v in sums[0]]            # (0.6, 0.8) + (0.3, 0.4)
+        [0.9, 1.2]
     """
     factors, index, norms, finite = clip_weights(squared_norms(per_example_grads), l2_norm_clip, clipping, mask, groups)
     per_example_grads = [kept_rows(g, finite) for g in per_example_grads]

@@ -20,7 +20,10 @@ from dp_bitfit_keras import _compat  # noqa: E402
 
 checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 assert not os.path.abspath(dpk.__file__).startswith(checkout + os.sep), f"imported the checkout: {dpk.__file__}"
-assert dpk.__version__ == importlib.metadata.version("dp-bitfit-keras"), (dpk.__version__, importlib.metadata.version("dp-bitfit-keras"))
+assert dpk.__version__ == importlib.metadata.version("dp-bitfit-keras"), (
+    dpk.__version__,
+    importlib.metadata.version("dp-bitfit-keras"),
+)
 assert _compat.GaussianSumQuery is not None and _compat.QuantileAdaptiveClipSumQuery is not None
 # The slim install: the library alone, without the examples' packages (their extra) or code.
 required = [r.split(";")[0] for r in importlib.metadata.requires("dp-bitfit-keras") if "extra ==" not in r]
@@ -38,12 +41,16 @@ base = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="t
 model = dpk.DPModel(base, trainable="bias+head")
 model.compile(
     optimizer=dpk.DPOptimizer(keras.optimizers.Adam(0.05), l2_norm_clip=1.0, target_epsilon=8.0, target_delta=1e-4),
-    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"],
+    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    metrics=["accuracy"],
 )
 history = model.fit(x, y, batch_size=64, epochs=3, verbose=0, callbacks=[dpk.PrivacyCallback(delta=1e-4)])
 eps, _ = model.privacy_spent(1e-4)
 acc = float(model.evaluate(x, y, verbose=0, return_dict=True)["accuracy"])
 assert 0 < eps <= 8.0 + 1e-6 and abs(eps - history.history["epsilon"][-1]) < 1e-9, eps
 assert acc > 0.6, acc
-versions = {p: importlib.metadata.version(p) for p in ("tensorflow", "keras", "tensorflow-privacy", "dp-accounting", "absl-py", "numpy")}
+versions = {
+    p: importlib.metadata.version(p)
+    for p in ("tensorflow", "keras", "tensorflow-privacy", "dp-accounting", "absl-py", "numpy")
+}
 print(f"wheel smoke OK on Python {sys.version.split()[0]}: ε = {eps:.3f}, accuracy = {acc:.3f}, {versions}")

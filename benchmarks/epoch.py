@@ -47,14 +47,32 @@ OPACUS_MODES = ("torch_bitfit", "torch_full", "opacus_dp_bitfit", "opacus_dp_ful
 PEERS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers")
 # Each mode's non-private twin (same framework, same trained variables), for the `× own
 # non-private` column.
-TWIN = {"tfp_legacy_bitfit": "tf_keras_bitfit", "tfp_legacy_full": "tf_keras_full",
-        "opacus_dp_bitfit": "torch_bitfit", "opacus_dp_full": "torch_full"}
+TWIN = {
+    "tfp_legacy_bitfit": "tf_keras_bitfit",
+    "tfp_legacy_full": "tf_keras_full",
+    "opacus_dp_bitfit": "torch_bitfit",
+    "opacus_dp_full": "torch_full",
+}
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("shape", "epoch_small", list(harness.SHAPES), "Model shape (harness.SHAPES); its batch is the expected batch.")
+flags.DEFINE_enum(
+    "shape", "epoch_small", list(harness.SHAPES), "Model shape (harness.SHAPES); its batch is the expected batch."
+)
 flags.DEFINE_integer("examples", 0, "Training examples n (0: 16 expected batches).")
-flags.DEFINE_list("modes", ["bitfit", "bitfit_mb16", "dp_bitfit_pad", "dp_bitfit_c8", "dp_bitfit_c16", "dp_bitfit_c32", "dp_bitfit_c64", "dp_bitfit_auto"],
-                  "Modes (see the module doc).")
+flags.DEFINE_list(
+    "modes",
+    [
+        "bitfit",
+        "bitfit_mb16",
+        "dp_bitfit_pad",
+        "dp_bitfit_c8",
+        "dp_bitfit_c16",
+        "dp_bitfit_c32",
+        "dp_bitfit_c64",
+        "dp_bitfit_auto",
+    ],
+    "Modes (see the module doc).",
+)
 flags.DEFINE_integer("epochs", 3, "Timed epochs per mode (after one compile epoch).")
 flags.DEFINE_string("out", None, "Write JSON here and Markdown beside it.")
 flags.DEFINE_list("render", None, "Instead of running: recompute the statistics and Markdown of these result JSONs.")
@@ -89,7 +107,11 @@ def _build(mode, shape):
         if trainable == "bias":
             dpk.selection.apply_selection(base, dpk.select_variables(base, "bias"))
         accumulation = batch // micro if micro < batch else None
-        base.compile(optimizer=keras.optimizers.Adam(1e-3, gradient_accumulation_steps=accumulation), loss=_loss(), jit_compile=True)
+        base.compile(
+            optimizer=keras.optimizers.Adam(1e-3, gradient_accumulation_steps=accumulation),
+            loss=_loss(),
+            jit_compile=True,
+        )
         return base, dict(batch_size=micro, shuffle=True)
     suffix = mode.rsplit("_", 1)[-1]  # pad | auto | c<N>
     if suffix == "pad":
@@ -101,7 +123,9 @@ def _build(mode, shape):
     else:
         raise ValueError(f"unknown mode {mode!r}: dp_bitfit_/dp_full_ take pad, auto or c<N>")
     model = dpk.DPModel(base, trainable=trainable)
-    model.compile(optimizer=dpk.DPOptimizer(keras.optimizers.Adam(1e-3), 1.0, 1.0), loss=_loss(), physical_batch_size=physical)
+    model.compile(
+        optimizer=dpk.DPOptimizer(keras.optimizers.Adam(1e-3), 1.0, 1.0), loss=_loss(), physical_batch_size=physical
+    )
     return model, dict(batch_size=batch)
 
 
@@ -109,8 +133,17 @@ def _opacus(shape, modes, examples, epochs):
     """Runs the PyTorch/Opacus modes in benchmarks/peers' environment; epoch seconds per mode."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "opacus.json")
-        cmd = ["uv", "run", "python", "opacus_bench.py", f"--shape_json={json.dumps(shape)}", f"--modes={','.join(modes)}",
-               f"--epoch_examples={examples}", f"--repeats={epochs}", f"--out={out}"]
+        cmd = [
+            "uv",
+            "run",
+            "python",
+            "opacus_bench.py",
+            f"--shape_json={json.dumps(shape)}",
+            f"--modes={','.join(modes)}",
+            f"--epoch_examples={examples}",
+            f"--repeats={epochs}",
+            f"--out={out}",
+        ]
         env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
         print(f"[{', '.join(modes)}] in the PyTorch peer's environment ...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, cwd=PEERS_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -149,15 +182,25 @@ def main(_):
     if legacy:
         report = harness.run_legacy(shape, legacy, FLAGS.epochs, 0, log=log, epoch_examples=n)
         times.update({r["mode"]: r["epoch_times_s"] for r in report["results"]})
-        framework.update({m: ("TF Privacy on " if m.startswith("tfp") else "") + f"tf_keras {report['tf_keras']}" for m in legacy})
+        framework.update(
+            {m: ("TF Privacy on " if m.startswith("tfp") else "") + f"tf_keras {report['tf_keras']}" for m in legacy}
+        )
     if opacus:
         peer_times, device = _opacus(shape, opacus, n, FLAGS.epochs)
         times.update(peer_times)
         framework.update({m: ("Opacus on " if m.startswith("opacus") else "") + device.split(", ")[-1] for m in opacus})
-    report = {"shape": shape, "examples": n, "tf": tf.__version__, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
-              "peak_rss_mb": round(_peak_rss_mb()),
-              "rows": [dict(mode=m, framework=framework[m], chunk=chunks.get(m), epoch_times_s=[round(t, 3) for t in times[m]])
-                       for m in FLAGS.modes]}
+    report = {
+        "shape": shape,
+        "examples": n,
+        "tf": tf.__version__,
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
+        "peak_rss_mb": round(_peak_rss_mb()),
+        "rows": [
+            dict(mode=m, framework=framework[m], chunk=chunks.get(m), epoch_times_s=[round(t, 3) for t in times[m]])
+            for m in FLAGS.modes
+        ],
+    }
     report = summarize(report)
     for row in report["rows"]:
         log(json.dumps(row))
@@ -182,7 +225,9 @@ def summarize(report: dict) -> dict:
         twin, reference = _twin(mode), "dp_bitfit_auto" if "dp_bitfit_auto" in stats else None
         r.update(
             sampling="Poisson" if mode.startswith(("dp_", "opacus")) else "shuffled",
-            epoch_s_min=round(low, 3), epoch_s_median=round(mid, 3), ms_per_expected_example=round(1e3 * low / n, 3),
+            epoch_s_min=round(low, 3),
+            epoch_s_median=round(mid, 3),
+            ms_per_expected_example=round(1e3 * low / n, 3),
             vs_non_private=round(low / stats[twin][0], 3) if twin in stats else None,
             vs_non_private_median=round(mid / stats[twin][1], 3) if twin in stats else None,
             vs_ours=round(low / stats[reference][0], 3) if reference else None,
@@ -194,19 +239,27 @@ def summarize(report: dict) -> dict:
 def markdown(report: dict) -> str:
     shape, n = report["shape"], report["examples"]
     epochs = len(report["rows"][0]["epoch_times_s"])
-    dims = (f"BERT {shape['layers']} layers x {shape['hidden']}, seq {shape['seq']}" if shape["model"] == "bert" else
-            f"ViT {shape['layers']} layers x {shape['hidden']}, {shape['image']}x{shape['image']} images, patch {shape['patch']}")
+    dims = (
+        f"BERT {shape['layers']} layers x {shape['hidden']}, seq {shape['seq']}"
+        if shape["model"] == "bert"
+        else f"ViT {shape['layers']} layers x {shape['hidden']}, {shape['image']}x{shape['image']} images, patch {shape['patch']}"
+    )
     fmt = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731
-    lines = [f"`{shape['name']}`: {dims}; n = {n}, (expected) batch {shape['batch']} (Poisson batches padded to "
-             f"{report['padded_rows']} rows); {epochs} timed epochs per mode; CPU ({report.get('cpus') or os.cpu_count()} "
-             f"cores), TF {report['tf']}, {report['date']}", "",
-             "| mode | framework | sampling | chunk | s / epoch, min (median) | ms / expected example | × own non-private, min (median) | × dp_bitfit_auto |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"`{shape['name']}`: {dims}; n = {n}, (expected) batch {shape['batch']} (Poisson batches padded to "
+        f"{report['padded_rows']} rows); {epochs} timed epochs per mode; CPU ({report.get('cpus') or os.cpu_count()} "
+        f"cores), TF {report['tf']}, {report['date']}",
+        "",
+        "| mode | framework | sampling | chunk | s / epoch, min (median) | ms / expected example | × own non-private, min (median) | × dp_bitfit_auto |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in report["rows"]:
         twin = "" if r["vs_non_private"] is None else f"{r['vs_non_private']:.2f} ({r['vs_non_private_median']:.2f})"
-        lines.append(f"| {r['mode']} | {r['framework']} | {r['sampling']} | {r['chunk'] or '-'} | "
-                     f"{r['epoch_s_min']:.2f} ({r['epoch_s_median']:.2f}) | {r['ms_per_expected_example']:.2f} | {twin} | "
-                     f"{fmt(r['vs_ours'])} |")
+        lines.append(
+            f"| {r['mode']} | {r['framework']} | {r['sampling']} | {r['chunk'] or '-'} | "
+            f"{r['epoch_s_min']:.2f} ({r['epoch_s_median']:.2f}) | {r['ms_per_expected_example']:.2f} | {twin} | "
+            f"{fmt(r['vs_ours'])} |"
+        )
     if report.get("peak_rss_mb"):
         lines += ["", f"Peak RSS of the process running our modes: {report['peak_rss_mb']:,} MB."]
     return "\n".join(lines)
@@ -230,7 +283,9 @@ def plot(report: dict, path: str) -> None:
             ax.text(r["epoch_s_min"], y, f" {r['vs_non_private']:.2f}x", va="center", fontsize=8)
     ax.set_yticks(list(ys), [r["mode"] for r in rows])
     ax.set_xlabel("s / epoch (min over timed epochs); label: x own non-private epoch")
-    ax.set_title(f"{report['shape']['name']}: n = {report['examples']}, expected batch {report['shape']['batch']}", fontsize=10)
+    ax.set_title(
+        f"{report['shape']['name']}: n = {report['examples']}, expected batch {report['shape']['batch']}", fontsize=10
+    )
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -249,8 +304,9 @@ def render(path: str) -> None:
     """Recomputes the statistics and the Markdown of a result JSON from its epoch times."""
     with open(path) as f:
         report = json.load(f)
-    report["shape"].setdefault("name", next(k for k, v in harness.SHAPES.items()
-                                            if all(report["shape"].get(a) == b for a, b in v.items())))
+    report["shape"].setdefault(
+        "name", next(k for k, v in harness.SHAPES.items() if all(report["shape"].get(a) == b for a, b in v.items()))
+    )
     report["rows"] = [{k: r[k] for k in ("mode", "framework", "chunk", "epoch_times_s")} for r in report["rows"]]
     write(summarize(report), path)
 

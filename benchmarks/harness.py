@@ -81,7 +81,16 @@ RATIOS = [
     ("dp_bitfit", "dp_bitfit_philox"),  # the cost of the secure noise generator
     ("dp_full", "dp_full_philox"),
 ]
-MEMORY_RATIOS = [("dp_bitfit", "bitfit"), ("dp_full", "full"), ("dp_full_vectorized", "full"), ("dp_lora", "lora"), ("dp_full", "tfp_legacy_full"), ("dp_full", "dp_full_philox"), ("dp_bitfit", "tfp_legacy_full"), ("dp_bitfit", "tfp_legacy_bitfit")]
+MEMORY_RATIOS = [
+    ("dp_bitfit", "bitfit"),
+    ("dp_full", "full"),
+    ("dp_full_vectorized", "full"),
+    ("dp_lora", "lora"),
+    ("dp_full", "tfp_legacy_full"),
+    ("dp_full", "dp_full_philox"),
+    ("dp_bitfit", "tfp_legacy_full"),
+    ("dp_bitfit", "tfp_legacy_bitfit"),
+]
 
 
 def gpu() -> bool:
@@ -100,16 +109,22 @@ def build_base(shape: dict) -> keras.Model:
     keras.utils.set_random_seed(0)
     if shape["model"] == "bert":
         backbone = keras_hub.models.BertBackbone(
-            vocabulary_size=VOCAB, num_layers=shape["layers"], num_heads=max(shape["hidden"] // 64, 1),
-            hidden_dim=shape["hidden"], intermediate_dim=4 * shape["hidden"],
+            vocabulary_size=VOCAB,
+            num_layers=shape["layers"],
+            num_heads=max(shape["hidden"] // 64, 1),
+            hidden_dim=shape["hidden"],
+            intermediate_dim=4 * shape["hidden"],
             max_sequence_length=shape["seq"],
         )
         return keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None)
     if shape["model"] == "vit":
         backbone = keras_hub.models.ViTBackbone(
-            image_shape=(shape["image"], shape["image"], 3), patch_size=shape["patch"],
-            num_layers=shape["layers"], num_heads=max(shape["hidden"] // 64, 1),
-            hidden_dim=shape["hidden"], mlp_dim=4 * shape["hidden"],
+            image_shape=(shape["image"], shape["image"], 3),
+            patch_size=shape["patch"],
+            num_layers=shape["layers"],
+            num_heads=max(shape["hidden"] // 64, 1),
+            hidden_dim=shape["hidden"],
+            mlp_dim=4 * shape["hidden"],
         )
         model = keras_hub.models.ViTImageClassifier(backbone, num_classes=10, preprocessor=None)
         model(tf.zeros((1, shape["image"], shape["image"], 3)))
@@ -131,14 +146,27 @@ def _loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def _private(model, inner, l2_norm_clip, shape, noise_generator="chacha20", gradient_method="auto",
-             optimizer_class=dpk.DPOptimizer):
+def _private(
+    model,
+    inner,
+    l2_norm_clip,
+    shape,
+    noise_generator="chacha20",
+    gradient_method="auto",
+    optimizer_class=dpk.DPOptimizer,
+):
     """Compiles a DPModel for one step of the benchmark: σ = 1, q = batch / 10,000, secret keys."""
-    model.compile(optimizer=optimizer_class(inner, l2_norm_clip=l2_norm_clip, noise_multiplier=1.0,
-                                            noise_generator=noise_generator), loss=_loss(),
-                  gradient_method=gradient_method)
+    model.compile(
+        optimizer=optimizer_class(
+            inner, l2_norm_clip=l2_norm_clip, noise_multiplier=1.0, noise_generator=noise_generator
+        ),
+        loss=_loss(),
+        gradient_method=gradient_method,
+    )
     model.optimizer.build(model.trainable_variables)
-    model.optimizer.begin_run(sampling_rate=shape["batch"] / 10000, expected_batch_size=shape["batch"], planned_steps=100)
+    model.optimizer.begin_run(
+        sampling_rate=shape["batch"] / 10000, expected_batch_size=shape["batch"], planned_steps=100
+    )
     return model
 
 
@@ -148,13 +176,17 @@ def _build_standard(shape, mode):
     # `<mode>_vectorized`: per-example gradients of every variable by vectorized_map (the path
     # before book-keeping), for comparison.
     base_mode, generator = (mode[: -len("_philox")], "philox") if mode.endswith("_philox") else (mode, "chacha20")
-    base_mode, method = (base_mode[: -len("_vectorized")], "vectorized") if base_mode.endswith("_vectorized") else (base_mode, "auto")
+    base_mode, method = (
+        (base_mode[: -len("_vectorized")], "vectorized") if base_mode.endswith("_vectorized") else (base_mode, "auto")
+    )
     trainable, private = MODES[base_mode]
     base = build_base(shape)
     if trainable.startswith("lora"):
         dpk.enable_lora(base, recipes.LORA_RANK)
     if private:
-        return _private(dpk.DPModel(base, trainable=trainable), keras.optimizers.Adam(1e-3), 1.0, shape, generator, method)
+        return _private(
+            dpk.DPModel(base, trainable=trainable), keras.optimizers.Adam(1e-3), 1.0, shape, generator, method
+        )
     dpk.selection.apply_selection(base, dpk.select_variables(base, trainable))
     base.compile(optimizer=keras.optimizers.Adam(1e-3), loss=_loss(), jit_compile=True)
     return base
@@ -173,8 +205,13 @@ def _build_sparta(shape, mode, density=0.2):
     rng = np.random.RandomState(0)
     masks = dpk.methods.sparta_module.select_rows([rng.rand(*v.shape).astype("float32") for v in candidates], density)
     keep = {id(v): m for v, m in zip(candidates, masks) if m.any()}
-    model = _private(dpk.DPModel(base, trainable=lambda v: id(v) in keep), keras.optimizers.Adam(1e-3), 1.0, shape,
-                     optimizer_class=dpk.methods.sparta_module.SparseDPOptimizer)
+    model = _private(
+        dpk.DPModel(base, trainable=lambda v: id(v) in keep),
+        keras.optimizers.Adam(1e-3),
+        1.0,
+        shape,
+        optimizer_class=dpk.methods.sparta_module.SparseDPOptimizer,
+    )
     model.optimizer.gradient_masks = [tf.constant(keep[id(v)]) for v in model.selection.variables]
     return model
 
@@ -233,12 +270,25 @@ def run_legacy(shape: dict, modes, repeats: int, warmup: int, log=print, epoch_e
     `epoch_examples` > 0: times `repeats` fit epochs over that many examples instead of steps."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "legacy.json")
-        cmd = [sys.executable, LEGACY_BINARY, f"--shape_json={json.dumps(shape)}", f"--modes={','.join(modes)}",
-               f"--repeats={repeats}", f"--warmup={warmup}", f"--epoch_examples={epoch_examples}",
-               f"--timed_epochs={repeats}", f"--out={out}"]
+        cmd = [
+            sys.executable,
+            LEGACY_BINARY,
+            f"--shape_json={json.dumps(shape)}",
+            f"--modes={','.join(modes)}",
+            f"--repeats={repeats}",
+            f"--warmup={warmup}",
+            f"--epoch_examples={epoch_examples}",
+            f"--timed_epochs={repeats}",
+            f"--out={out}",
+        ]
         log(f"[{', '.join(modes)}] in a tf_keras process ...")
-        proc = subprocess.run(cmd, env=dict(os.environ, TF_USE_LEGACY_KERAS="1"), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+        proc = subprocess.run(
+            cmd,
+            env=dict(os.environ, TF_USE_LEGACY_KERAS="1"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         if proc.returncode:
             raise RuntimeError(f"the tf_keras peer failed:\n{proc.stderr[-4000:]}")
         with open(out) as f:
@@ -314,7 +364,6 @@ def ratios(results) -> dict:
         if mem.get(a) and mem.get(b):
             out[f"mem {a}/{b}"] = round(mem[a] / mem[b], 3)
     return out
-
 
 
 def markdown(report: dict) -> str:
@@ -397,8 +446,14 @@ def batch_sweep(shape: dict, modes, cap_mb: float, log=print) -> dict:
     for a, b in [("dp_bitfit", "dp_full"), ("dp_bitfit", "bitfit"), ("dp_full", "full")]:
         if a in by and b in by:
             ratios[f"largest_batch {a}/{b}"] = round(by[a] / by[b], 2)
-    return {"sweep": "batch", "shape": dict(shape), "device": device_name(), "memory_cap_mb": cap_mb,
-            "results": results, "ratios": ratios}
+    return {
+        "sweep": "batch",
+        "shape": dict(shape),
+        "device": device_name(),
+        "memory_cap_mb": cap_mb,
+        "results": results,
+        "ratios": ratios,
+    }
 
 
 def seq_markdown(sweep: dict) -> str:
@@ -418,7 +473,9 @@ def batch_markdown(sweep: dict) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for r in sweep["results"]:
-        lines.append(f"| {r['mode']} | {r['largest_batch']} | {r['mem_at_largest_mb']:.0f} | {r['mb_per_example']:.2f} | {r['fixed_mb']:.0f} |")
+        lines.append(
+            f"| {r['mode']} | {r['largest_batch']} | {r['mem_at_largest_mb']:.0f} | {r['mb_per_example']:.2f} | {r['fixed_mb']:.0f} |"
+        )
     lines += ["", ", ".join(f"{k} = {v}" for k, v in sweep["ratios"].items())]
     return "\n".join(lines) + "\n"
 
@@ -463,7 +520,9 @@ def plot_report(report: dict, path: str):
         for tick in ax.get_xticklabels():
             tick.set_horizontalalignment("right")
     s = report["shape"]
-    fig.suptitle(f"{s.get('model')} {json.dumps({k: v for k, v in s.items() if k != 'model'})} — {report['device']}", fontsize=9)
+    fig.suptitle(
+        f"{s.get('model')} {json.dumps({k: v for k, v in s.items() if k != 'model'})} — {report['device']}", fontsize=9
+    )
     _save(plt, fig, path)
 
 

@@ -41,8 +41,11 @@ def _squared_norms(model, loss, variables, batch_size):
 def main(_):
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=30522, num_layers=FLAGS.num_layers, num_heads=max(FLAGS.hidden_dim // 64, 1),
-        hidden_dim=FLAGS.hidden_dim, intermediate_dim=4 * FLAGS.hidden_dim,
+        vocabulary_size=30522,
+        num_layers=FLAGS.num_layers,
+        num_heads=max(FLAGS.hidden_dim // 64, 1),
+        hidden_dim=FLAGS.hidden_dim,
+        intermediate_dim=4 * FLAGS.hidden_dim,
         max_sequence_length=FLAGS.seq_len,
     )
     model = keras_hub.models.BertTextClassifier(backbone, num_classes=2, preprocessor=None)
@@ -72,13 +75,14 @@ def main(_):
             out = fn(x) if sel is None else fn(x, y)
             out.numpy()
             times[mode].append(1e3 * (time.perf_counter() - start))
-    print(f"device: {tf.config.list_physical_devices('GPU') or 'CPU'}; B={b} T={t} "
-          f"layers={FLAGS.num_layers} hidden={FLAGS.hidden_dim}")
+    print(
+        f"device: {tf.config.list_physical_devices('GPU') or 'CPU'}; B={b} T={t} "
+        f"layers={FLAGS.num_layers} hidden={FLAGS.hidden_dim}"
+    )
     print("| mode | trainable | median ms | pfor fallback |\n|---|---|---|---|")
     for mode, (_, sel, fallbacks) in steps.items():
         trainable = "-" if sel is None else f"{sel.num_trainable:,} ({100 * sel.fraction:.2f}%)"
-        print(f"| {mode} | {trainable} | "
-              f"{np.median(times[mode]):.1f} | {bool(fallbacks)} |")
+        print(f"| {mode} | {trainable} | {np.median(times[mode]):.1f} | {bool(fallbacks)} |")
     if "bias" in times:
         for mode in times:
             if mode != "bias":

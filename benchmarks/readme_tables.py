@@ -14,8 +14,11 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 READMES = ("README.md", os.path.join("benchmarks", "README.md")) + tuple(
-    sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True)
-           if "assets" not in os.path.relpath(p, ROOT).split(os.sep))
+    sorted(
+        os.path.relpath(p, ROOT)
+        for p in glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True)
+        if "assets" not in os.path.relpath(p, ROOT).split(os.sep)
+    )
 )
 BLOCK = re.compile(r"(<!-- include: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- end include -->)", re.S)
 

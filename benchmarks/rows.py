@@ -34,7 +34,9 @@ def epoch_data(shape: dict, n: int):
         seq = shape["seq"]
         mask = np.arange(seq)[None] < rng.randint(8, seq + 1, n)[:, None]
         ids = (rng.randint(1, VOCAB, (n, seq)) * mask).astype("int32")
-        return {"token_ids": ids, "segment_ids": np.zeros_like(ids), "padding_mask": mask}, (np.arange(n) % 2).astype("int32")
+        return {"token_ids": ids, "segment_ids": np.zeros_like(ids), "padding_mask": mask}, (np.arange(n) % 2).astype(
+            "int32"
+        )
     s = shape["image"]
     return rng.uniform(size=(n, s, s, 3)).astype("float32"), (np.arange(n) % 10).astype("int32")
 
@@ -58,7 +60,9 @@ def time_epochs(runners: dict, epochs: int, log=print) -> dict:
     return times
 
 
-def result_row(mode: str, times: list[float], batch_size: int, peak_mem_mb, trainable_params: int, pfor_fallback) -> dict:
+def result_row(
+    mode: str, times: list[float], batch_size: int, peak_mem_mb, trainable_params: int, pfor_fallback
+) -> dict:
     """`times`: seconds of the timed steps; the row reports their median."""
     ms = 1e3 * statistics.median(times)
     return {

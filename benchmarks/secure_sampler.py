@@ -24,8 +24,11 @@ from absl import app, flags  # noqa: E402
 from dp_bitfit_keras.privacy import prng  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("noise_sizes", ["6146", "102914", "9493250", "22700000"],
-                  "Noise values per step (dp_bitfit small BERT, BERT-base biases, small BERT all, MiniLM all).")
+flags.DEFINE_list(
+    "noise_sizes",
+    ["6146", "102914", "9493250", "22700000"],
+    "Noise values per step (dp_bitfit small BERT, BERT-base biases, small BERT all, MiniLM all).",
+)
 flags.DEFINE_list("sample_sizes", ["4800", "18512", "1000000"], "Examples n of the Poisson sample.")
 flags.DEFINE_integer("repeats", 7, "Timed calls per case (after one warm-up).")
 flags.DEFINE_string("out", None, "Write JSON here and Markdown beside it.")
@@ -33,7 +36,7 @@ flags.DEFINE_string("out", None, "Write JSON here and Markdown beside it.")
 
 def _median_ms(fns, repeats):
     times = {name: [] for name in fns}
-    for name, fn in fns.items():
+    for fn in fns.values():
         fn(0)  # compile / warm up
     for r in range(1, repeats + 1):
         for name, fn in fns.items():  # interleaved
@@ -49,12 +52,21 @@ def noise_rows(sizes, repeats):
     for size in sizes:
         fns = {}
         for generator in prng.GENERATORS:
-            step = tf.function(lambda s, g=generator, n=size: tf.reduce_sum(prng.normal(key, [n], s, prng.NOISE, generator=g)),
-                               jit_compile=True)
+            step = tf.function(
+                lambda s, g=generator, n=size: tf.reduce_sum(prng.normal(key, [n], s, prng.NOISE, generator=g)),
+                jit_compile=True,
+            )
             fns[generator] = lambda r, f=step: f(tf.constant(r, tf.int64)).numpy()
         ms = _median_ms(fns, repeats)
-        rows.append(dict(kind="noise", size=size, chacha20_ms=ms["chacha20"], philox_ms=ms["philox"],
-                         ratio=ms["chacha20"] / ms["philox"]))
+        rows.append(
+            dict(
+                kind="noise",
+                size=size,
+                chacha20_ms=ms["chacha20"],
+                philox_ms=ms["philox"],
+                ratio=ms["chacha20"] / ms["philox"],
+            )
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -71,12 +83,26 @@ def sample_rows(sizes, repeats):
 
         @tf.function
         def philox(step, n=n, q=q):
-            return tf.reduce_sum(tf.cast(tf.random.stateless_uniform([n], seed=tf.stack([tf.constant(1, tf.int64), step])) < q, tf.int32))
+            return tf.reduce_sum(
+                tf.cast(tf.random.stateless_uniform([n], seed=tf.stack([tf.constant(1, tf.int64), step])) < q, tf.int32)
+            )
 
-        ms = _median_ms({"chacha20": lambda r: chacha(tf.constant(r, tf.int64)).numpy(),
-                         "philox": lambda r: philox(tf.constant(r, tf.int64)).numpy()}, repeats)
-        rows.append(dict(kind="poisson_sample", size=n, chacha20_ms=ms["chacha20"], philox_ms=ms["philox"],
-                         ratio=ms["chacha20"] / ms["philox"]))
+        ms = _median_ms(
+            {
+                "chacha20": lambda r: chacha(tf.constant(r, tf.int64)).numpy(),
+                "philox": lambda r: philox(tf.constant(r, tf.int64)).numpy(),
+            },
+            repeats,
+        )
+        rows.append(
+            dict(
+                kind="poisson_sample",
+                size=n,
+                chacha20_ms=ms["chacha20"],
+                philox_ms=ms["philox"],
+                ratio=ms["chacha20"] / ms["philox"],
+            )
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -87,27 +87,40 @@ def build_bert(shape: dict, num_classes: int = 2, pooling: str = "cls"):
     token_ids = tf.keras.Input((t,), dtype="int32", name="token_ids")
     segment_ids = tf.keras.Input((t,), dtype="int32", name="segment_ids")
     padding_mask = tf.keras.Input((t,), dtype="bool", name="padding_mask")
-    positions = layers.Lambda(lambda ids: tf.broadcast_to(tf.range(tf.shape(ids)[1]), tf.shape(ids)), name="positions")(token_ids)
+    positions = layers.Lambda(lambda ids: tf.broadcast_to(tf.range(tf.shape(ids)[1]), tf.shape(ids)), name="positions")(
+        token_ids
+    )
     # keras-hub's mask: every query attends to the unpadded keys ([B, 1, S], broadcast to [B, T, S]).
-    mask = layers.Lambda(lambda m: tf.broadcast_to(m[:, None, :], [tf.shape(m)[0], tf.shape(m)[1], tf.shape(m)[1]]),
-                         name="attention_mask")(padding_mask)
-    x = layers.Add()([
-        layers.Embedding(shape.get("vocab", VOCAB), h, name="token_embedding")(token_ids),
-        layers.Embedding(shape.get("max_positions", t), h, name="position_embedding")(positions),
-        layers.Embedding(2, h, name="segment_embedding")(segment_ids),
-    ])
+    mask = layers.Lambda(
+        lambda m: tf.broadcast_to(m[:, None, :], [tf.shape(m)[0], tf.shape(m)[1], tf.shape(m)[1]]),
+        name="attention_mask",
+    )(padding_mask)
+    x = layers.Add()(
+        [
+            layers.Embedding(shape.get("vocab", VOCAB), h, name="token_embedding")(token_ids),
+            layers.Embedding(shape.get("max_positions", t), h, name="position_embedding")(positions),
+            layers.Embedding(2, h, name="segment_embedding")(segment_ids),
+        ]
+    )
     x = layers.Dropout(0.1)(layers.LayerNormalization(epsilon=1e-12, name="embeddings_layer_norm")(x))
     for i in range(shape["layers"]):
         name = f"transformer_layer_{i}_"
-        attention = layers.MultiHeadAttention(heads, h // heads, dropout=0.1, name=name + "self_attention_layer")(x, x, attention_mask=mask)
-        x = layers.LayerNormalization(epsilon=1e-12, name=name + "self_attention_layer_norm")(layers.Add()([x, layers.Dropout(0.1)(attention)]))
-        ff = layers.Dense(shape.get("intermediate") or 4 * h, activation=_gelu, name=name + "feedforward_intermediate_dense")(x)
+        attention = layers.MultiHeadAttention(heads, h // heads, dropout=0.1, name=name + "self_attention_layer")(
+            x, x, attention_mask=mask
+        )
+        x = layers.LayerNormalization(epsilon=1e-12, name=name + "self_attention_layer_norm")(
+            layers.Add()([x, layers.Dropout(0.1)(attention)])
+        )
+        ff = layers.Dense(
+            shape.get("intermediate") or 4 * h, activation=_gelu, name=name + "feedforward_intermediate_dense"
+        )(x)
         ff = layers.Dropout(0.1)(layers.Dense(h, name=name + "feedforward_output_dense")(ff))
         x = layers.LayerNormalization(epsilon=1e-12, name=name + "feedforward_layer_norm")(layers.Add()([x, ff]))
     if pooling == "cls":
         first = layers.Lambda(lambda s: s[:, 0], name="first_token")(x)
         pooled = layers.Dense(h, activation="tanh", name="pooled_dense")(first)
     elif pooling == "mean":
+
         def masked_mean(args):
             states, m = args
             m = tf.cast(m, states.dtype)[:, :, None]
@@ -170,7 +183,9 @@ def _registry():
     return registry
 
 
-def make_model(shape: dict, mode: str, *, l2_norm_clip=1.0, noise_multiplier=1.0, num_classes=2, pooling="cls", weights=None):
+def make_model(
+    shape: dict, mode: str, *, l2_norm_clip=1.0, noise_multiplier=1.0, num_classes=2, pooling="cls", weights=None
+):
     """The tf_keras model of `mode` (uncompiled); `weights`: keras-hub weights to load first."""
     from tensorflow_privacy.privacy.keras_models import dp_keras_model
 
@@ -183,8 +198,14 @@ def make_model(shape: dict, mode: str, *, l2_norm_clip=1.0, noise_multiplier=1.0
         # Full: every trainable layer is in the registry, so the fast clipping path runs.
         # Bias-only: no registry (see the module doc), the vectorized microbatch path.
         registry = _registry() if mode == "tfp_legacy_full" else None
-        model = dp_keras_model.DPModel(l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier, use_xla=True,
-                                       layer_registry=registry, inputs=inputs, outputs=outputs)
+        model = dp_keras_model.DPModel(
+            l2_norm_clip=l2_norm_clip,
+            noise_multiplier=noise_multiplier,
+            use_xla=True,
+            layer_registry=registry,
+            inputs=inputs,
+            outputs=outputs,
+        )
         if registry is not None and not model._enable_fast_peg_computation:
             raise RuntimeError("TF Privacy did not enable fast gradient clipping for this model.")
     if weights is not None:
@@ -246,8 +267,14 @@ def run_modes(shape: dict, modes, repeats: int = 5, warmup: int = 2, log=print) 
     for mode, times in time_interleaved(runners, x, y, repeats, log).items():
         info[mode]["times"] = times
     results = [
-        result_row(mode, info[mode]["times"], shape["batch"], info[mode]["peak_mem_mb"], info[mode]["trainable_params"],
-                   info[mode]["pfor_fallback"])
+        result_row(
+            mode,
+            info[mode]["times"],
+            shape["batch"],
+            info[mode]["peak_mem_mb"],
+            info[mode]["trainable_params"],
+            info[mode]["pfor_fallback"],
+        )
         for mode in modes
     ]
     return results
@@ -260,7 +287,9 @@ def run_epochs(shape: dict, modes, examples: int, epochs: int, log=print) -> lis
     runners = {}
     for mode in modes:
         model = build(shape, mode)
-        runners[mode] = lambda model=model: model.fit(x, y, batch_size=shape["batch"], epochs=1, shuffle=True, verbose=0)
+        runners[mode] = lambda model=model: model.fit(
+            x, y, batch_size=shape["batch"], epochs=1, shuffle=True, verbose=0
+        )
     return [{"mode": mode, "epoch_times_s": times} for mode, times in time_epochs(runners, epochs, log).items()]
 
 
@@ -281,8 +310,19 @@ class _StepTimer(tf.keras.callbacks.Callback):
 TEXT_PARTS = ("token_ids", "segment_ids", "padding_mask")
 
 
-def text_run(npz_path: str, mode: str, *, epsilon: float, delta: float | None, batch_size: int, epochs: int,
-             l2_norm_clip: float, learning_rate: float, seed: int = 0, log=print) -> dict:
+def text_run(
+    npz_path: str,
+    mode: str,
+    *,
+    epsilon: float,
+    delta: float | None,
+    batch_size: int,
+    epochs: int,
+    l2_norm_clip: float,
+    learning_rate: float,
+    seed: int = 0,
+    log=print,
+) -> dict:
     """TF Privacy's DP-SGD on a text task prepared by examples/utility_sweep.py.
 
     The .npz holds the tokenized splits, the keras-hub weights of the Keras 3 model our methods
@@ -309,21 +349,34 @@ def text_run(npz_path: str, mode: str, *, epsilon: float, delta: float | None, b
     steps = int(np.ceil(epochs * n / batch_size))
     sigma = float(compute_noise_from_budget_lib.compute_noise(n, batch_size, epsilon, epochs, delta, 1e-5))
     tf.keras.utils.set_random_seed(seed)
-    model = make_model(meta["shape"], mode, l2_norm_clip=l2_norm_clip, noise_multiplier=sigma,
-                       num_classes=meta["num_classes"], pooling=meta["pooling"], weights=weights)
+    model = make_model(
+        meta["shape"],
+        mode,
+        l2_norm_clip=l2_norm_clip,
+        noise_multiplier=sigma,
+        num_classes=meta["num_classes"],
+        pooling=meta["pooling"],
+        weights=weights,
+    )
     reference = data["reference_logits"]
     got = model({k: v[: len(reference)] for k, v in x_test.items()}, training=False).numpy()
     gap = float(np.max(np.abs(got - reference)))
     if gap > 1e-3 * max(1.0, float(np.max(np.abs(reference)))):
         raise RuntimeError(f"the tf_keras rebuild does not reproduce the Keras 3 model's logits (max gap {gap:.2e})")
     log(f"[{mode}] tf_keras rebuild reproduces the Keras 3 logits (max gap {gap:.1e}); σ = {sigma:.4f}")
-    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate),
-                  loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    model.compile(
+        optimizer=tf.keras.optimizers.Adam(learning_rate),
+        loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     timer = _StepTimer()
     model.fit(x_train, y_train, batch_size=batch_size, epochs=epochs, shuffle=True, callbacks=[timer], verbose=2)
     accountant = dp_accounting.rdp.RdpAccountant()
-    accountant.compose(dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(batch_size / n, dp_accounting.GaussianDpEvent(sigma)), steps))
+    accountant.compose(
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(batch_size / n, dp_accounting.GaussianDpEvent(sigma)), steps
+        )
+    )
     trainable = int(sum(np.prod(v.shape) for v in model.trainable_variables))
     total = int(sum(np.prod(v.shape) for v in model.weights))
     times = timer.times[1:] or timer.times
@@ -349,8 +402,12 @@ flags.DEFINE_string("shape_json", None, "Benchmark: the harness shape (JSON dict
 flags.DEFINE_list("modes", list(MODES), "Benchmark: legacy modes to run.")
 flags.DEFINE_integer("repeats", 5, "Benchmark: timed steps per mode (interleaved).")
 flags.DEFINE_integer("warmup", 2, "Benchmark: untimed steps per mode first (the first compiles).")
-flags.DEFINE_integer("epoch_examples", 0, "Benchmark: time `fit` epochs over this many synthetic examples instead of steps.")
-flags.DEFINE_integer("timed_epochs", 2, "Benchmark with --epoch_examples: timed epochs per mode (after a compile epoch).")
+flags.DEFINE_integer(
+    "epoch_examples", 0, "Benchmark: time `fit` epochs over this many synthetic examples instead of steps."
+)
+flags.DEFINE_integer(
+    "timed_epochs", 2, "Benchmark with --epoch_examples: timed epochs per mode (after a compile epoch)."
+)
 flags.DEFINE_string("text_npz", None, "Utility run instead: the task file written by examples/utility_sweep.py.")
 flags.DEFINE_enum("text_mode", "tfp_legacy_full", ["tfp_legacy_full", "tfp_legacy_bitfit"], "Utility run: the method.")
 flags.DEFINE_float("epsilon", 8.0, "Utility run: target ε.")
@@ -367,9 +424,16 @@ def main(_):
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if FLAGS.text_npz:
         report = text_run(
-            FLAGS.text_npz, FLAGS.text_mode, epsilon=FLAGS.epsilon, delta=FLAGS.delta,
-            batch_size=FLAGS.batch_size, epochs=FLAGS.epochs, l2_norm_clip=FLAGS.l2_norm_clip,
-            learning_rate=FLAGS.learning_rate, seed=FLAGS.seed, log=log,
+            FLAGS.text_npz,
+            FLAGS.text_mode,
+            epsilon=FLAGS.epsilon,
+            delta=FLAGS.delta,
+            batch_size=FLAGS.batch_size,
+            epochs=FLAGS.epochs,
+            l2_norm_clip=FLAGS.l2_norm_clip,
+            learning_rate=FLAGS.learning_rate,
+            seed=FLAGS.seed,
+            log=log,
         )
     else:
         shape = json.loads(FLAGS.shape_json)

@@ -29,7 +29,12 @@ from absl import app, flags  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("shape", "small", list(harness.SHAPES), "Model/batch shape.")
 flags.DEFINE_list("modes", list(harness.MODES), "Modes to run.")
-flags.DEFINE_enum("sweep", "none", ["none", "seq", "batch"], "none: one shape; seq: time/memory vs sequence length; batch: largest batch under --memory_cap_mb.")
+flags.DEFINE_enum(
+    "sweep",
+    "none",
+    ["none", "seq", "batch"],
+    "none: one shape; seq: time/memory vs sequence length; batch: largest batch under --memory_cap_mb.",
+)
 flags.DEFINE_list("seqs", ["64", "128", "256", "512"], "Sequence lengths of the seq sweep.")
 flags.DEFINE_float("memory_cap_mb", 16384, "Memory cap of the batch sweep (MB).")
 flags.DEFINE_integer("repeats", 5, "Timed steps per mode (interleaved).")

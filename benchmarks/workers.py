@@ -30,34 +30,55 @@ def main(_):
     for n in map(int, FLAGS.workers):
         summary = os.path.join(ROOT, "benchmarks", "results", f".workers_{n}.json")
         subprocess.run(
-            [sys.executable, os.path.join(ROOT, "examples", "multi_worker.py"), f"--local_workers={n}",
-             f"--method={FLAGS.method}", f"--epochs={FLAGS.epochs}", f"--batch_size={FLAGS.batch_size}",
-             f"--summary_json={summary}", f"--export_dir={os.path.join(ROOT, 'savedmodels', '.workers_bench')}"],
+            [
+                sys.executable,
+                os.path.join(ROOT, "examples", "multi_worker.py"),
+                f"--local_workers={n}",
+                f"--method={FLAGS.method}",
+                f"--epochs={FLAGS.epochs}",
+                f"--batch_size={FLAGS.batch_size}",
+                f"--summary_json={summary}",
+                f"--export_dir={os.path.join(ROOT, 'savedmodels', '.workers_bench')}",
+            ],
             check=True,
         )
         results = [json.load(open(f"{summary}.{i}")) for i in range(n)]
         for i in range(n):
             os.remove(f"{summary}.{i}")
-        rows.append(dict(workers=n, cores=os.cpu_count(), method=FLAGS.method, batch_size=FLAGS.batch_size,
-                         seconds_per_epoch=max(r["seconds_per_epoch"] for r in results),
-                         epsilon=results[0]["epsilon"], dp_steps=results[0]["dp_steps"],
-                         test_accuracy=results[0]["test_accuracy"],
-                         same_weights_on_every_worker=len({r["weights_fingerprint"] for r in results}) == 1))
+        rows.append(
+            dict(
+                workers=n,
+                cores=os.cpu_count(),
+                method=FLAGS.method,
+                batch_size=FLAGS.batch_size,
+                seconds_per_epoch=max(r["seconds_per_epoch"] for r in results),
+                epsilon=results[0]["epsilon"],
+                dp_steps=results[0]["dp_steps"],
+                test_accuracy=results[0]["test_accuracy"],
+                same_weights_on_every_worker=len({r["weights_fingerprint"] for r in results}) == 1,
+            )
+        )
         print(json.dumps(rows[-1]), flush=True)
     base = rows[0]["seconds_per_epoch"]
-    lines = ["| workers | cores each | s/epoch | vs 1 worker | ε | steps | same weights on every worker |",
-             "|---:|---:|---:|---:|---:|---:|:---:|"]
+    lines = [
+        "| workers | cores each | s/epoch | vs 1 worker | ε | steps | same weights on every worker |",
+        "|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['workers']} | {max(1, r['cores'] // r['workers'])} | {r['seconds_per_epoch']:.2f} | "
-                     f"{r['seconds_per_epoch'] / base:.2f}× | {r['epsilon']:.3f} | {r['dp_steps']} | "
-                     f"{'yes' if r['same_weights_on_every_worker'] else 'NO'} |")
+        lines.append(
+            f"| {r['workers']} | {max(1, r['cores'] // r['workers'])} | {r['seconds_per_epoch']:.2f} | "
+            f"{r['seconds_per_epoch'] / base:.2f}× | {r['epsilon']:.3f} | {r['dp_steps']} | "
+            f"{'yes' if r['same_weights_on_every_worker'] else 'NO'} |"
+        )
     table = "\n".join(lines) + "\n"
     os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
     with open(FLAGS.out + ".json", "w") as f:
         json.dump(rows, f, indent=1)
     with open(FLAGS.out + ".md", "w") as f:
-        f.write(f"{FLAGS.method}, digits transfer task, expected global batch {FLAGS.batch_size}, "
-                f"{FLAGS.epochs} epochs, workers on 127.0.0.1 of one {os.cpu_count()}-core machine:\n\n" + table)
+        f.write(
+            f"{FLAGS.method}, digits transfer task, expected global batch {FLAGS.batch_size}, "
+            f"{FLAGS.epochs} epochs, workers on 127.0.0.1 of one {os.cpu_count()}-core machine:\n\n" + table
+        )
     print(table)
 
 

@@ -1,21 +1,13 @@
 """dp_bitfit_keras: differentially private bias-term fine-tuning (DP-BiTFiT) for Keras 3 on TF."""
 
-from dp_bitfit_keras import audit
-from dp_bitfit_keras import methods
+from dp_bitfit_keras import audit, methods
 from dp_bitfit_keras.callbacks import PrivacyCallback
-from dp_bitfit_keras.gradients import PforFallbackError
-from dp_bitfit_keras.gradients import PforFallbackWarning
-from dp_bitfit_keras.gradients import last_pfor_fallbacks
-from dp_bitfit_keras.gradients import per_example_gradients
+from dp_bitfit_keras.gradients import PforFallbackError, PforFallbackWarning, last_pfor_fallbacks, per_example_gradients
 from dp_bitfit_keras.model import DPModel
 from dp_bitfit_keras.optimizer import DPOptimizer
-from dp_bitfit_keras.privacy.accounting import compute_epsilon
-from dp_bitfit_keras.privacy.accounting import noise_multiplier_for_epsilon
-from dp_bitfit_keras.privacy.sampling import max_batch_size_for
-from dp_bitfit_keras.privacy.sampling import poisson_batches
-from dp_bitfit_keras.selection import Selection
-from dp_bitfit_keras.selection import enable_lora
-from dp_bitfit_keras.selection import select_variables
+from dp_bitfit_keras.privacy.accounting import compute_epsilon, noise_multiplier_for_epsilon
+from dp_bitfit_keras.privacy.sampling import max_batch_size_for, poisson_batches
+from dp_bitfit_keras.selection import Selection, enable_lora, select_variables
 
 __version__ = "0.1.0"
 

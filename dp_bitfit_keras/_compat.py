@@ -17,9 +17,11 @@ _HINT = (
 
 sys.skip_tf_privacy_import = True  # Skip the package __init__ that imports tensorflow_estimator.
 try:
-    from tensorflow_privacy.privacy.dp_query import dp_query  # noqa: E402
-    from tensorflow_privacy.privacy.dp_query import gaussian_query  # noqa: E402
-    from tensorflow_privacy.privacy.dp_query import quantile_adaptive_clip_sum_query  # noqa: E402
+    from tensorflow_privacy.privacy.dp_query import (
+        dp_query,  # noqa: E402
+        gaussian_query,  # noqa: E402
+        quantile_adaptive_clip_sum_query,  # noqa: E402
+    )
 except Exception as e:  # pragma: no cover - exercised only when the environment is broken.
     raise ImportError(f"Could not import TF Privacy's DP queries: {e!r}. {_HINT}") from e
 

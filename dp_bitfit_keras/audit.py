@@ -108,11 +108,14 @@ def audit(
     handles = [v.value for v in variables]  # frozen weights too: watch them explicitly
     with tf.GradientTape() as tape:
         tape.watch(handles)
-        canary_loss = tf.reduce_sum(loss(y[canary_index : canary_index + 1], model.model(x[canary_index : canary_index + 1], training=False)))
+        canary_loss = tf.reduce_sum(
+            loss(y[canary_index : canary_index + 1], model.model(x[canary_index : canary_index + 1], training=False))
+        )
     directions = [None if g is None else -tf.convert_to_tensor(g).numpy() for g in tape.gradient(canary_loss, handles)]
     weights_in = np.ones(n, "float32")
     weights_out = weights_in.copy()
     weights_out[canary_index] = 0.0
+
     def restore():
         for var, value in zip(opt.variables + variables, state + start):
             var.assign(value)
@@ -121,13 +124,17 @@ def audit(
     for trial in range(trials):
         for world, w in ((1, weights_in), (0, weights_out)):
             restore()
-            opt.set_noise_key(prng.new_key() if seed is None else prng.derive_key(f"dp_bitfit_keras/audit/{seed}/{trial}/{world}"))
+            opt.set_noise_key(
+                prng.new_key() if seed is None else prng.derive_key(f"dp_bitfit_keras/audit/{seed}/{trial}/{world}")
+            )
             for _ in range(steps):
                 model.train_on_batch(x, y, sample_weight=w)
-            scores[world].append([
-                0.0 if d is None else float(np.sum((v.numpy() - s) * d))
-                for v, s, d in zip(variables, start, directions)
-            ])
+            scores[world].append(
+                [
+                    0.0 if d is None else float(np.sum((v.numpy() - s) * d))
+                    for v, s, d in zip(variables, start, directions)
+                ]
+            )
     restore()
     pos, neg = np.array(scores[1]), np.array(scores[0])
     half = trials // 2

@@ -62,7 +62,9 @@ def worker_index(strategy) -> int:
     resolver = getattr(strategy, "cluster_resolver", None)
     if not is_multi_worker(strategy):
         return 0
-    return int(resolver.task_id or 0) + (1 if resolver.task_type == "worker" and "chief" in resolver.cluster_spec().jobs else 0)
+    return int(resolver.task_id or 0) + (
+        1 if resolver.task_type == "worker" and "chief" in resolver.cluster_spec().jobs else 0
+    )
 
 
 def _replica_run(strategy, fn, *args):
@@ -137,8 +139,12 @@ def wait_for_workers(connect_timeout: float = 60.0, poll: float = 0.2) -> None:
     task = config.get("task", {})
     me = (task.get("type"), int(task.get("index", 0)))
     cluster = config.get("cluster", {})
-    peers = [(job, i, address) for job in ("chief", "worker") for i, address in enumerate(cluster.get(job, []))
-             if (job, i) != me]
+    peers = [
+        (job, i, address)
+        for job in ("chief", "worker")
+        for i, address in enumerate(cluster.get(job, []))
+        if (job, i) != me
+    ]
     host, _, port = cluster[me[0]][me[1]].rpartition(":")
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -175,8 +181,9 @@ def wait_for_workers(connect_timeout: float = 60.0, poll: float = 0.2) -> None:
         listener.close()
 
 
-def multi_worker_strategy(connect_timeout: float = 60.0, collective_timeout: float | None = 300.0,
-                          heartbeat_timeout: float = 30.0):
+def multi_worker_strategy(
+    connect_timeout: float = 60.0, collective_timeout: float | None = 300.0, heartbeat_timeout: float = 30.0
+):
     """`MultiWorkerMirroredStrategy` from `TF_CONFIG`, with bounded waits.
 
     Every worker calls this with the same cluster. If the cluster has not formed after
@@ -185,30 +192,38 @@ def multi_worker_strategy(connect_timeout: float = 60.0, collective_timeout: flo
     training is detected by the coordination service's heartbeat after `heartbeat_timeout`
     seconds, and a collective (the per-step all-reduce) fails after `collective_timeout`.
     """
+    import faulthandler
+
     from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
     from tensorflow.python.distribute import multi_worker_util
     from tensorflow.python.eager import context
-
-    import faulthandler
 
     wait_for_workers(connect_timeout)
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
     spec = resolver.cluster_spec()
     # The strategy would configure TF's coordination service with no registration deadline
     # (start-up waits for missing workers without bound); configure it first, with ours.
-    jobs = [coordination_config_pb2.CoordinatedJob(name=job, num_tasks=spec.num_tasks(job))
-            for job in ("chief", "worker") if job in spec.jobs]
+    jobs = [
+        coordination_config_pb2.CoordinatedJob(name=job, num_tasks=spec.num_tasks(job))
+        for job in ("chief", "worker")
+        if job in spec.jobs
+    ]
     context.context().configure_coordination_service(
-        service_type="standalone", service_leader=multi_worker_util.coordination_leader(spec),
-        coordinated_jobs=jobs, cluster_register_timeout_in_ms=int(1000 * connect_timeout),
+        service_type="standalone",
+        service_leader=multi_worker_util.coordination_leader(spec),
+        coordinated_jobs=jobs,
+        cluster_register_timeout_in_ms=int(1000 * connect_timeout),
         heartbeat_timeout_in_ms=int(1000 * heartbeat_timeout),
     )
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=collective_timeout)
     # Every peer answered the rendezvous; should one vanish before the cluster forms, TF's
     # start-up (which holds the interpreter) would wait without bound: a C-level watchdog
     # ends the process after `connect_timeout` more seconds, printing where it was.
-    print(f"dp_bitfit_keras: all workers reachable; forming the cluster (at most {connect_timeout:g} s).",
-          file=sys.stderr, flush=True)
+    print(
+        f"dp_bitfit_keras: all workers reachable; forming the cluster (at most {connect_timeout:g} s).",
+        file=sys.stderr,
+        flush=True,
+    )
     faulthandler.dump_traceback_later(connect_timeout, exit=True)
     try:
         return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver, communication_options=options)
@@ -217,6 +232,13 @@ def multi_worker_strategy(connect_timeout: float = 60.0, collective_timeout: flo
 
 
 __all__ = [
-    "WorkerUnreachableError", "broadcast_from_first_replica", "check_workers_agree", "fingerprint", "is_multi_worker",
-    "multi_worker_strategy", "num_workers", "wait_for_workers", "worker_index",
+    "WorkerUnreachableError",
+    "broadcast_from_first_replica",
+    "check_workers_agree",
+    "fingerprint",
+    "is_multi_worker",
+    "multi_worker_strategy",
+    "num_workers",
+    "wait_for_workers",
+    "worker_index",
 ]

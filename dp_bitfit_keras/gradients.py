@@ -21,7 +21,7 @@ import contextlib
 import logging
 import threading
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import keras
 import tensorflow as tf
@@ -186,7 +186,9 @@ def per_example_gradients(
 
 
 @tf.autograph.experimental.do_not_convert
-def per_example_outputs(model, loss_fn, x, y, variables=None, sample_weight=None, *, training=True, on_fallback="warn", loss_scale=None):
+def per_example_outputs(
+    model, loss_fn, x, y, variables=None, sample_weight=None, *, training=True, on_fallback="warn", loss_scale=None
+):
     """`per_example_gradients`, also returning the per-example losses `[batch]` and outputs.
 
     `loss_scale`: multiply each loss by this before differentiating and divide the gradients
@@ -206,8 +208,15 @@ def per_example_outputs(model, loss_fn, x, y, variables=None, sample_weight=None
         # per call: inside a training step, trace this function once instead).
         return tf.function(
             lambda x, y, sample_weight: per_example_outputs(
-                model, loss_fn, x, y, variables, sample_weight,
-                training=training, on_fallback=on_fallback, loss_scale=loss_scale,
+                model,
+                loss_fn,
+                x,
+                y,
+                variables,
+                sample_weight,
+                training=training,
+                on_fallback=on_fallback,
+                loss_scale=loss_scale,
             ),
             jit_compile=True,
             autograph=False,  # Our errors (PforFallbackError, ValueError) reach the caller as is.
@@ -250,10 +259,7 @@ def per_example_outputs(model, loss_fn, x, y, variables=None, sample_weight=None
         # A variable off the loss path (e.g. an unused pooler) has a zero gradient. Embedding
         # gradients arrive as IndexedSlices; vectorized_map would densify them anyway (with a
         # warning): a per-example gradient is dense in the variable's shape.
-        grads = [
-            tf.zeros(v.shape, v.dtype) if g is None else tf.convert_to_tensor(g)
-            for v, g in zip(variables, grads)
-        ]
+        grads = [tf.zeros(v.shape, v.dtype) if g is None else tf.convert_to_tensor(g) for v, g in zip(variables, grads)]
         return grads, loss, tf.nest.map_structure(lambda t: t[0], y_pred)
 
     with _record_pfor_fallbacks() as fallbacks:

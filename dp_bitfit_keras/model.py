@@ -123,7 +123,9 @@ class DPModel(keras.Model):
     def summary(self, *args, **kwargs):
         self.model.summary(*args, **kwargs)
         print_fn = kwargs.get("print_fn") or print
-        print_fn(f"DP fine-tuning ({self.trainable_spec if isinstance(self.trainable_spec, str) else 'custom'}): {self.selection}")
+        print_fn(
+            f"DP fine-tuning ({self.trainable_spec if isinstance(self.trainable_spec, str) else 'custom'}): {self.selection}"
+        )
 
     def export(self, filepath, format="tf_saved_model", **kwargs):
         """Exports the wrapped model (plain Keras `export`, serving-ready)."""
@@ -141,8 +143,11 @@ class DPModel(keras.Model):
         }
         # Layers whose LoRA was enabled after construction (keras-hub's backbone.enable_lora,
         # dpk.enable_lora) are not in the model's own config: record them to enable again.
-        lora = {_kernel_prefix(layer): int(layer.lora_rank) for layer in selection.layers_of(self.model)
-                if getattr(layer, "lora_enabled", False) and _kernel_prefix(layer)}
+        lora = {
+            _kernel_prefix(layer): int(layer.lora_rank)
+            for layer in selection.layers_of(self.model)
+            if getattr(layer, "lora_enabled", False) and _kernel_prefix(layer)
+        }
         if lora:
             config["lora_layers"] = lora
         return config
@@ -160,7 +165,9 @@ class DPModel(keras.Model):
 
     # --- Compile / fit -----------------------------------------------------------------------
 
-    def compile(self, optimizer=None, loss=None, jit_compile=True, physical_batch_size="auto", gradient_method="auto", **kwargs):
+    def compile(
+        self, optimizer=None, loss=None, jit_compile=True, physical_batch_size="auto", gradient_method="auto", **kwargs
+    ):
         """As `keras.Model.compile`, with a `DPOptimizer` and XLA on by default (also on CPU).
 
         `physical_batch_size`: rows whose per-example gradients are computed at once. A padded
@@ -185,7 +192,9 @@ class DPModel(keras.Model):
         if gradient_method not in GRADIENT_METHODS:
             raise ValueError(f"gradient_method must be one of {GRADIENT_METHODS}; got {gradient_method!r}.")
         self.gradient_method = gradient_method
-        if physical_batch_size not in ("auto", None) and not (isinstance(physical_batch_size, int) and physical_batch_size >= 1):
+        if physical_batch_size not in ("auto", None) and not (
+            isinstance(physical_batch_size, int) and physical_batch_size >= 1
+        ):
             raise ValueError(f"physical_batch_size must be 'auto', None or an int >= 1; got {physical_batch_size!r}.")
         self.physical_batch_size = physical_batch_size
         self._chunk = physical_batch_size if isinstance(physical_batch_size, int) else None
@@ -237,9 +246,7 @@ class DPModel(keras.Model):
         """Whether the step computes clipped sums by book-keeping (see `compile`)."""
         method = getattr(self, "gradient_method", "auto")
         optimizer = getattr(self, "optimizer", None)
-        if method == "vectorized" or (
-            isinstance(optimizer, DPOptimizer) and optimizer.needs_per_example_gradients
-        ):
+        if method == "vectorized" or (isinstance(optimizer, DPOptimizer) and optimizer.needs_per_example_gradients):
             return False
         if method == "bookkeeping":
             return True
@@ -257,15 +264,31 @@ class DPModel(keras.Model):
         """`(x, y, sample_weight) -> (summed, below, losses, y_pred)`: a batch's clipped sum."""
         loss_scale = getattr(self, "_loss_scale", None)
         if self.uses_bookkeeping():
+
             def clip_sum(x, y, sample_weight):
                 return bookkeeping.clipped_sums(
-                    self.model, self._per_example_loss, x, y, variables, sample_weight, self.optimizer,
-                    mask=example_mask(sample_weight), training=True, loss_scale=loss_scale,
+                    self.model,
+                    self._per_example_loss,
+                    x,
+                    y,
+                    variables,
+                    sample_weight,
+                    self.optimizer,
+                    mask=example_mask(sample_weight),
+                    training=True,
+                    loss_scale=loss_scale,
                 )
         else:
+
             def clip_sum(x, y, sample_weight):
                 grads, losses, y_pred = gradients.per_example_outputs(
-                    self.model, self._per_example_loss, x, y, variables, sample_weight, training=True,
+                    self.model,
+                    self._per_example_loss,
+                    x,
+                    y,
+                    variables,
+                    sample_weight,
+                    training=True,
                     loss_scale=loss_scale,
                 )
                 summed, below, _ = self.optimizer.clipped_sum(grads, variables, example_mask(sample_weight))
@@ -325,7 +348,9 @@ class DPModel(keras.Model):
         num_chunks = (last + chunk - 1) // chunk
 
         def rows_of(t, i):
-            return tf.nest.map_structure(lambda a: tf.slice(a, [i * chunk] + [0] * (len(a.shape) - 1), [chunk] + a.shape[1:]), t)
+            return tf.nest.map_structure(
+                lambda a: tf.slice(a, [i * chunk] + [0] * (len(a.shape) - 1), [chunk] + a.shape[1:]), t
+            )
 
         def body(i, sums, below):
             xs, ys, ws = rows_of(x, i), rows_of(y, i), rows_of(sample_weight, i)
@@ -337,7 +362,9 @@ class DPModel(keras.Model):
 
         zeros = [tf.zeros(v.shape, tf.float32) for v in variables]
         _, sums, below = tf.while_loop(
-            lambda i, *_: i < num_chunks, body, (tf.constant(0), zeros, tf.constant(0.0)),
+            lambda i, *_: i < num_chunks,
+            body,
+            (tf.constant(0), zeros, tf.constant(0.0)),
             maximum_iterations=padded // chunk,
         )
         sums = [tf.cast(s, v.dtype) for s, v in zip(sums, variables)]
@@ -408,7 +435,9 @@ class DPModel(keras.Model):
         replicas = strategy.num_replicas_in_sync
         k = self.optimizer.accumulation_steps
         if (replicas > 1 or getattr(self, "_distribute_strategy", None) is not None) and self.steps_per_execution != 1:
-            raise ValueError("Under a multi-replica strategy DPModel needs steps_per_execution=1 (the step budget is checked between steps).")
+            raise ValueError(
+                "Under a multi-replica strategy DPModel needs steps_per_execution=1 (the step budget is checked between steps)."
+            )
         x, y, kwargs = self._hold_out_validation(x, y, kwargs)
         dataset, q, expected, n = self._private_data(x, y, batch_size, sampling_rate, kwargs)
         sampler = getattr(dataset, "dp_sampler", None)
@@ -438,7 +467,9 @@ class DPModel(keras.Model):
         if steps_per_epoch < 0:
             raise ValueError("Pass steps_per_epoch for a dataset of unknown length.")
         if steps_per_epoch % micro:
-            raise ValueError(f"steps_per_epoch ({steps_per_epoch}) must be a multiple of gradient_accumulation_steps ({k}).")
+            raise ValueError(
+                f"steps_per_epoch ({steps_per_epoch}) must be a multiple of gradient_accumulation_steps ({k})."
+            )
         self.optimizer.begin_run(q, expected, steps_per_epoch // micro * (epochs - kwargs.get("initial_epoch", 0)), n)
         chunk = self._chunk
         if getattr(self, "physical_batch_size", None) == "auto":
@@ -471,14 +502,23 @@ class DPModel(keras.Model):
         if distribute.is_multi_worker(strategy):
             seed = optimizer.seed
             facts = dict(
-                num_examples=sampler.num_examples, sampling_rate=sampler.sampling_rate,
-                max_batch_size=sampler.max_batch_size, steps_per_epoch=sampler.steps_per_epoch,
-                epochs=epochs, initial_epoch=kwargs.get("initial_epoch", 0), accumulation=optimizer.accumulation_steps,
-                noise_seed=-1 if seed is None else seed, sampling_seed=-1 if sampler.seed is None else sampler.seed,
-                noise_multiplier=-1 if optimizer.initial_noise_multiplier is None else optimizer.initial_noise_multiplier,
+                num_examples=sampler.num_examples,
+                sampling_rate=sampler.sampling_rate,
+                max_batch_size=sampler.max_batch_size,
+                steps_per_epoch=sampler.steps_per_epoch,
+                epochs=epochs,
+                initial_epoch=kwargs.get("initial_epoch", 0),
+                accumulation=optimizer.accumulation_steps,
+                noise_seed=-1 if seed is None else seed,
+                sampling_seed=-1 if sampler.seed is None else sampler.seed,
+                noise_multiplier=-1
+                if optimizer.initial_noise_multiplier is None
+                else optimizer.initial_noise_multiplier,
                 target_epsilon=-1 if optimizer.target_epsilon is None else optimizer.target_epsilon,
-                l2_norm_clip=optimizer.l2_norm_clip, dp_steps=optimizer.dp_steps,
-                batches_seen=int(optimizer.batches_seen), weights=distribute.fingerprint(self.model.weights),
+                l2_norm_clip=optimizer.l2_norm_clip,
+                dp_steps=optimizer.dp_steps,
+                batches_seen=int(optimizer.batches_seen),
+                weights=distribute.fingerprint(self.model.weights),
             )
             distribute.check_workers_agree(strategy, facts)
             if sampler.seed is None:
@@ -486,7 +526,8 @@ class DPModel(keras.Model):
             if seed is None:
                 # The first replica's keys for everyone (see dp_bitfit_keras.distribute).
                 noise_key, *rest = distribute.broadcast_from_first_replica(
-                    strategy, [optimizer.noise_key()] + ([key] if key is not None else []))
+                    strategy, [optimizer.noise_key()] + ([key] if key is not None else [])
+                )
                 optimizer.set_noise_key(noise_key)
                 key = rest[0] if rest else None
             elif key is not None:
@@ -495,8 +536,13 @@ class DPModel(keras.Model):
         multiple = strategy.num_replicas_in_sync * optimizer.accumulation_steps
         padded = -(-sampler.max_batch_size // multiple) * multiple
         rebuilt = sampling.poisson_batches_from_tensors(
-            sampler.examples, sampler.sampling_rate, padded, steps_per_epoch=sampler.steps_per_epoch,
-            seed=sampler.seed, micro_batches=1 if fold else sampler.micro_batches, key=key,
+            sampler.examples,
+            sampler.sampling_rate,
+            padded,
+            steps_per_epoch=sampler.steps_per_epoch,
+            seed=sampler.seed,
+            micro_batches=1 if fold else sampler.micro_batches,
+            key=key,
         )
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -520,7 +566,9 @@ class DPModel(keras.Model):
         if self.distribute_strategy.num_replicas_in_sync > 1:
             # Keras hands every replica the whole batch here: each example would be counted
             # once per replica, multiplying its sensitivity.
-            raise ValueError("Under a multi-replica strategy, train a DPModel with fit() on a dataset (Keras splits its batches over the replicas).")
+            raise ValueError(
+                "Under a multi-replica strategy, train a DPModel with fit() on a dataset (Keras splits its batches over the replicas)."
+            )
         return super().train_on_batch(*args, **kwargs)
 
     @staticmethod
@@ -540,7 +588,7 @@ class DPModel(keras.Model):
         if not 0 < held < n:
             raise ValueError(f"validation_split={split} of {n} examples leaves no training or no validation example.")
         weights = kwargs.get("sample_weight")
-        first, last = (lambda t: t[: n - held]), (lambda t: t[n - held:])
+        first, last = (lambda t: t[: n - held]), (lambda t: t[n - held :])
         validation = (tf.nest.map_structure(last, x), None if y is None else tf.nest.map_structure(last, y))
         if weights is not None:
             validation += (last(weights),)
@@ -616,7 +664,6 @@ class DPModel(keras.Model):
         return self.optimizer.privacy_spent(delta)
 
 
-
 class _LedgerSync(keras.callbacks.Callback):
     """Keeps a run on its plan, and a resumed run on the original's track.
 
@@ -637,10 +684,15 @@ class _LedgerSync(keras.callbacks.Callback):
         strategy = self.model.distribute_strategy
         if distribute.is_multi_worker(strategy):
             # After any BackupAndRestore: every worker must continue from the same state.
-            distribute.check_workers_agree(strategy, dict(
-                dp_steps=optimizer.dp_steps, batches_seen=int(optimizer.batches_seen),
-                noise_multiplier=optimizer.noise_multiplier, weights=distribute.fingerprint(self.model.weights),
-            ))
+            distribute.check_workers_agree(
+                strategy,
+                dict(
+                    dp_steps=optimizer.dp_steps,
+                    batches_seen=int(optimizer.batches_seen),
+                    noise_multiplier=optimizer.noise_multiplier,
+                    weights=distribute.fingerprint(self.model.weights),
+                ),
+            )
         seen = int(optimizer.batches_seen)
         if seen > 0:
             _revive_merged_lora(self.model.model, seen)
@@ -689,6 +741,7 @@ def _revive_merged_lora(model, seed):
     if revived:
         warnings.warn(
             f"Restored LoRA factors were merged into their kernels by Keras' saving (both factors "
-            f"at zero): re-initialised A of {revived} so that training continues.", stacklevel=2,
+            f"at zero): re-initialised A of {revived} so that training continues.",
+            stacklevel=2,
         )
     return revived

@@ -23,8 +23,14 @@ _NO_BUDGET = np.iinfo(np.int64).max
 # keras.optimizers.Optimizer arguments a wrapper would silently ignore: they belong on the inner
 # optimizer (as keras.optimizers.LossScaleOptimizer says of its own).
 _INNER_OPTIMIZER_ARGUMENTS = (
-    "weight_decay", "clipnorm", "clipvalue", "global_clipnorm", "use_ema", "ema_momentum",
-    "ema_overwrite_frequency", "loss_scale_factor",
+    "weight_decay",
+    "clipnorm",
+    "clipvalue",
+    "global_clipnorm",
+    "use_ema",
+    "ema_momentum",
+    "ema_overwrite_frequency",
+    "loss_scale_factor",
 )
 
 
@@ -101,9 +107,7 @@ class DPOptimizer(keras.optimizers.Optimizer):
         if isinstance(optimizer, dict):
             optimizer = keras.optimizers.deserialize(optimizer)
         if not isinstance(optimizer, keras.optimizers.Optimizer) or isinstance(optimizer, DPOptimizer):
-            raise ValueError(
-                f"optimizer must be a keras.optimizers.Optimizer (not a DPOptimizer); got {optimizer!r}."
-            )
+            raise ValueError(f"optimizer must be a keras.optimizers.Optimizer (not a DPOptimizer); got {optimizer!r}.")
         if not (isinstance(l2_norm_clip, (int, float)) and l2_norm_clip > 0 and math.isfinite(l2_norm_clip)):
             raise ValueError(f"l2_norm_clip must be a finite number > 0; got {l2_norm_clip!r}.")
         if (noise_multiplier is None) == (target_epsilon is None):
@@ -199,31 +203,51 @@ class DPOptimizer(keras.optimizers.Optimizer):
             # Updated in the step: under MirroredStrategy every replica computes the same
             # value (from all-reduced sums), and the first replica's is kept.
             var = self.add_variable(
-                shape=(), dtype=dtype, initializer=keras.initializers.Constant(value),
-                aggregation="only_first_replica" if in_step else "none", name=name,
+                shape=(),
+                dtype=dtype,
+                initializer=keras.initializers.Constant(value),
+                aggregation="only_first_replica" if in_step else "none",
+                name=name,
             )
             if dtype == "float64":  # the initializer passes through float32; σ and q are exact
                 var.assign(value)
             object.__setattr__(self, f"_{name}", var)
         key = self.add_variable(
-            shape=(prng.KEY_WORDS,), dtype="int64", initializer=keras.initializers.Constant(self._initial_key),
-            aggregation="none", name="noise_key",
+            shape=(prng.KEY_WORDS,),
+            dtype="int64",
+            initializer=keras.initializers.Constant(self._initial_key),
+            aggregation="none",
+            name="noise_key",
         )
         object.__setattr__(self, "_noise_key", key)
         table = self.add_variable(
-            shape=(ledger.MAX_SEGMENTS, ledger.COLUMNS), dtype="float64", initializer="zeros",
-            aggregation="none", name="segment_table",
+            shape=(ledger.MAX_SEGMENTS, ledger.COLUMNS),
+            dtype="float64",
+            initializer="zeros",
+            aggregation="none",
+            name="segment_table",
         )
         object.__setattr__(self, "_segment_table", table)
         self._initial_key = None
         if self.accumulation_steps > 1:
             accumulators = [
-                self.add_variable(shape=v.shape, dtype="float32", initializer="zeros",
-                                  aggregation="only_first_replica", name=f"dp_accumulator_{i}")
+                self.add_variable(
+                    shape=v.shape,
+                    dtype="float32",
+                    initializer="zeros",
+                    aggregation="only_first_replica",
+                    name=f"dp_accumulator_{i}",
+                )
                 for i, v in enumerate(var_list)
             ]
             object.__setattr__(self, "_accumulators", accumulators)
-            below = self.add_variable(shape=(), dtype="float32", initializer="zeros", aggregation="only_first_replica", name="accumulated_below")
+            below = self.add_variable(
+                shape=(),
+                dtype="float32",
+                initializer="zeros",
+                aggregation="only_first_replica",
+                name="accumulated_below",
+            )
             object.__setattr__(self, "_accumulated_below", below)
         self.inner_optimizer.build(var_list)
         super().build(var_list)
@@ -340,7 +364,9 @@ class DPOptimizer(keras.optimizers.Optimizer):
         if not self.built:
             self.build(trainable_variables)
         if self.needs_per_example_gradients:
-            raise ValueError(f"{type(self).__name__} transforms per-example gradients: it needs the vectorized per-example path.")
+            raise ValueError(
+                f"{type(self).__name__} transforms per-example gradients: it needs the vectorized per-example path."
+            )
         clip = self._current_l2_norm_clip.value
         factors, index, norms, finite = clipping_lib.clip_weights(
             squared_norms, clip, self.clipping, mask, self._group_index(trainable_variables)
@@ -394,7 +420,9 @@ class DPOptimizer(keras.optimizers.Optimizer):
         gradient accumulation.
         """
         if to_gradients is not None and self.accumulation_steps > 1 and not self.fold_accumulation:
-            raise ValueError("to_gradients does not accumulate: use gradient_accumulation_steps=1 (raise the batch size).")
+            raise ValueError(
+                "to_gradients does not accumulate: use gradient_accumulation_steps=1 (raise the batch size)."
+            )
         if not self.built:
             self.build(trainable_variables)
         context = tf.distribute.get_replica_context()
@@ -527,8 +555,11 @@ class DPOptimizer(keras.optimizers.Optimizer):
         self._planned_dp_steps.assign(self.dp_steps + planned_steps)
         if float(self._noise_multiplier.numpy()) < 0:
             sigma = accounting.noise_multiplier_for_epsilon(
-                self.target_epsilon, sampling_rate, self.dp_steps + planned_steps,
-                self.target_delta, self.accountant,
+                self.target_epsilon,
+                sampling_rate,
+                self.dp_steps + planned_steps,
+                self.target_delta,
+                self.accountant,
             )
             self._noise_multiplier.assign(sigma)
         if self.target_unclipped_quantile is not None:
@@ -548,8 +579,13 @@ class DPOptimizer(keras.optimizers.Optimizer):
         sum_sigma = 0.0 if sigma == 0 else queries.sum_noise_multiplier_for(sigma, count_stddev)
         self._sum_noise_multiplier = sum_sigma
         self._adaptive_query = queries.SeededQuantileAdaptiveClipSumQuery(
-            self.l2_norm_clip, sum_sigma, self.target_unclipped_quantile, self.clip_learning_rate,
-            count_stddev, expected_batch_size, self.noise_generator,
+            self.l2_norm_clip,
+            sum_sigma,
+            self.target_unclipped_quantile,
+            self.clip_learning_rate,
+            count_stddev,
+            expected_batch_size,
+            self.noise_generator,
         )
 
     @property
@@ -567,8 +603,9 @@ class DPOptimizer(keras.optimizers.Optimizer):
         if self._adaptive_query is None:  # restored from a checkpoint in a new process
             self._make_adaptive_query(float(self._expected_batch_size.numpy()))
         # TF Privacy's event: the sum's Gaussian composed with the count's (sensitivity ½).
-        return ledger.Segment(self._sum_noise_multiplier, self.sampling_rate, steps,
-                              2.0 * self._adaptive_query.clipped_count_stddev)
+        return ledger.Segment(
+            self._sum_noise_multiplier, self.sampling_rate, steps, 2.0 * self._adaptive_query.clipped_count_stddev
+        )
 
     def closed_segments(self) -> list[ledger.Segment]:
         """The ledger's segments before the open one (earlier runs at other σ or q)."""
@@ -590,8 +627,13 @@ class DPOptimizer(keras.optimizers.Optimizer):
 
     def epsilon_curve(self, delta: float) -> ledger.EpsilonCurve:
         """ε as a function of the total step count, cheap to ask every step (RDP)."""
-        return ledger.EpsilonCurve(self.closed_segments(), self.open_segment(), delta, self.accountant,
-                                   first_step=int(self._segment_start.numpy()))
+        return ledger.EpsilonCurve(
+            self.closed_segments(),
+            self.open_segment(),
+            delta,
+            self.accountant,
+            first_step=int(self._segment_start.numpy()),
+        )
 
     def continue_ledger(self, other: DPOptimizer):
         """Carries on `other`'s ledger: its segments, steps, batches seen and noise key (e.g. a

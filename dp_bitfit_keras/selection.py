@@ -9,11 +9,11 @@ layer's input, which is why DP-BiTFiT costs about what non-private BiTFiT costs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import keras
 
-TrainableSpec = Union[str, Callable[[keras.Variable], bool]]
+TrainableSpec = str | Callable[[keras.Variable], bool]
 
 MODES = ("bias", "bias+head", "all", "lora", "lora+head")
 
@@ -92,9 +92,7 @@ def bias_variables(model: keras.Layer) -> list:
         else:
             candidate = next((v for v in layer._trainable_variables if v.name == "bias"), None)
             if candidate is None:
-                candidate = next(
-                    (v for v in layer._non_trainable_variables if v.name == "bias"), None
-                )
+                candidate = next((v for v in layer._non_trainable_variables if v.name == "bias"), None)
         if candidate is not None:
             found.append(candidate)
     return found
@@ -221,9 +219,7 @@ def select_variables(model: keras.Layer, trainable: TrainableSpec = "bias") -> S
                     wanted |= {id(v) for v in head_layer_.variables}
             chosen = [v for v in candidates if id(v) in wanted]
     else:
-        raise ValueError(
-            f"trainable must be one of {MODES} or a callable(variable) -> bool; got {trainable!r}."
-        )
+        raise ValueError(f"trainable must be one of {MODES} or a callable(variable) -> bool; got {trainable!r}.")
     if not chosen:
         raise ValueError(
             f"trainable={trainable!r} selects no variable of model '{model.name}': it has "

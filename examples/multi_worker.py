@@ -32,19 +32,29 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("local_workers", 0, "Start this many worker processes on 127.0.0.1 and wait for them "
-                     "(0: this process is one worker of the cluster in TF_CONFIG, or runs alone without it).")
+flags.DEFINE_integer(
+    "local_workers",
+    0,
+    "Start this many worker processes on 127.0.0.1 and wait for them "
+    "(0: this process is one worker of the cluster in TF_CONFIG, or runs alone without it).",
+)
 flags.DEFINE_enum("method", "dp_full", ["dp_full", "dp_bitfit_head", "dp_lora"], "What to train privately.")
 flags.DEFINE_float("epsilon", 8.0, "Target ε.")
 flags.DEFINE_integer("epochs", 30, "Epochs.")
 flags.DEFINE_integer("batch_size", 256, "Expected global batch size (Poisson), split over all replicas.")
-flags.DEFINE_float("learning_rate", None, "Learning rate; default: the method's digits default (with its optimizer: "
-                   "SGD with momentum for dp_full, Adam otherwise).")
+flags.DEFINE_float(
+    "learning_rate",
+    None,
+    "Learning rate; default: the method's digits default (with its optimizer: "
+    "SGD with momentum for dp_full, Adam otherwise).",
+)
 flags.DEFINE_integer("gradient_accumulation_steps", 1, "Chunks of each global batch per replica (memory).")
 flags.DEFINE_integer("pretrain_epochs", 30, "Epochs of the public pretraining (digits 0-4), on every worker.")
 flags.DEFINE_string("backup_dir", None, "keras.callbacks.BackupAndRestore directory (one subdirectory per worker).")
 flags.DEFINE_float("connect_timeout", 120.0, "Seconds to wait for the other workers before failing.")
-flags.DEFINE_string("export_dir", None, "SavedModel directory (worker 0); default savedmodels/multi_worker_<method>/<version>.")
+flags.DEFINE_string(
+    "export_dir", None, "SavedModel directory (worker 0); default savedmodels/multi_worker_<method>/<version>."
+)
 flags.DEFINE_string("summary_json", None, "Each worker writes its summary to this path with '.<index>' appended.")
 
 
@@ -62,8 +72,11 @@ def launch_local(n):
     args = [a for a in sys.argv[1:] if not a.startswith("--local_workers")]
     procs = []
     for i in range(n):
-        env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}),
-                   DPK_THREADS=str(threads))
+        env = dict(
+            os.environ,
+            TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}),
+            DPK_THREADS=str(threads),
+        )
         procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *args], env=env))
     codes = [p.wait() for p in procs]
     if any(codes):
@@ -87,7 +100,9 @@ def train():
     else:
         strategy = tf.distribute.get_strategy()
     index = distribute.worker_index(strategy)
-    task = tasks.digits_transfer_task(FLAGS.pretrain_epochs, verbose=index == 0)  # the same public pretraining on every worker
+    task = tasks.digits_transfer_task(
+        FLAGS.pretrain_epochs, verbose=index == 0
+    )  # the same public pretraining on every worker
     (x, y), validation, test = task.splits.train, task.splits.validation, task.splits.test
     trainable = recipes.METHODS[FLAGS.method][0]
     learning_rate = FLAGS.learning_rate or task.learning_rate(FLAGS.method, FLAGS.epsilon)
@@ -104,8 +119,12 @@ def train():
     timer = Timer()
     callbacks = [timer, dpk.PrivacyCallback(delta=delta)]
     if FLAGS.backup_dir:
-        callbacks.insert(0, keras.callbacks.BackupAndRestore(os.path.join(FLAGS.backup_dir, f"worker{index}"),
-                                                             save_freq="epoch", delete_checkpoint=False))
+        callbacks.insert(
+            0,
+            keras.callbacks.BackupAndRestore(
+                os.path.join(FLAGS.backup_dir, f"worker{index}"), save_freq="epoch", delete_checkpoint=False
+            ),
+        )
     with strategy.scope():
         keras.utils.set_random_seed(0)
         base = task.build_model()
@@ -115,20 +134,34 @@ def train():
             dpk.enable_lora(base, recipes.LORA_RANK)
         model = dpk.DPModel(base, trainable=trainable)
         model.compile(
-            optimizer=dpk.DPOptimizer(recipes.OPTIMIZERS[optimizer](learning_rate), 1.0, target_epsilon=FLAGS.epsilon,
-                                      target_delta=delta, clipping="abadi",
-                                      gradient_accumulation_steps=FLAGS.gradient_accumulation_steps),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"],
+            optimizer=dpk.DPOptimizer(
+                recipes.OPTIMIZERS[optimizer](learning_rate),
+                1.0,
+                target_epsilon=FLAGS.epsilon,
+                target_delta=delta,
+                clipping="abadi",
+                gradient_accumulation_steps=FLAGS.gradient_accumulation_steps,
+            ),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
         )
     start = time.perf_counter()
-    model.fit(x, y, batch_size=FLAGS.batch_size, epochs=FLAGS.epochs, verbose=2 if index == 0 else 0, callbacks=callbacks)
+    model.fit(
+        x, y, batch_size=FLAGS.batch_size, epochs=FLAGS.epochs, verbose=2 if index == 0 else 0, callbacks=callbacks
+    )
     wall = time.perf_counter() - start
     summary = dict(
-        worker=index, workers=distribute.num_workers(strategy), replicas=strategy.num_replicas_in_sync,
-        method=FLAGS.method, epsilon=model.privacy_spent(delta)[0], delta=delta, dp_steps=model.optimizer.dp_steps,
+        worker=index,
+        workers=distribute.num_workers(strategy),
+        replicas=strategy.num_replicas_in_sync,
+        method=FLAGS.method,
+        epsilon=model.privacy_spent(delta)[0],
+        delta=delta,
+        dp_steps=model.optimizer.dp_steps,
         validation_accuracy=float(model.evaluate(*validation, verbose=0, return_dict=True)["accuracy"]),
         test_accuracy=float(model.evaluate(*test, verbose=0, return_dict=True)["accuracy"]),
-        seconds_per_epoch=statistics.median(timer.times[1:] or timer.times), fit_seconds=wall,
+        seconds_per_epoch=statistics.median(timer.times[1:] or timer.times),
+        fit_seconds=wall,
         weights_fingerprint=distribute.fingerprint(model.trainable_variables),
     )
     print(json.dumps(summary), flush=True)

@@ -31,7 +31,11 @@ def main(_):
     token_ids = rng.integers(8, 500, size=(n, seq)).astype("int32")
     labels = rng.integers(0, 2, size=n).astype("int32")
     token_ids[:, 0] = 3 + labels
-    x = {"token_ids": token_ids, "segment_ids": np.zeros_like(token_ids), "padding_mask": np.ones_like(token_ids, dtype=bool)}
+    x = {
+        "token_ids": token_ids,
+        "segment_ids": np.zeros_like(token_ids),
+        "padding_mask": np.ones_like(token_ids, dtype=bool),
+    }
 
     backbone = keras_hub.models.BertBackbone(
         vocabulary_size=500, num_layers=2, num_heads=2, hidden_dim=64, intermediate_dim=128, max_sequence_length=seq
@@ -40,8 +44,11 @@ def main(_):
     model = dpk.DPModel(base, trainable="bias+head")
     model.compile(
         optimizer=dpk.DPOptimizer(
-            keras.optimizers.Adam(5e-3), l2_norm_clip=0.1, target_epsilon=FLAGS.epsilon,
-            target_delta=1 / (2 * n), clipping="automatic",
+            keras.optimizers.Adam(5e-3),
+            l2_norm_clip=0.1,
+            target_epsilon=FLAGS.epsilon,
+            target_delta=1 / (2 * n),
+            clipping="automatic",
         ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
@@ -49,10 +56,14 @@ def main(_):
     model.summary(line_length=100)
     model.fit(x, labels, batch_size=64, epochs=FLAGS.epochs, callbacks=[dpk.PrivacyCallback(delta=1 / (2 * n))])
     accuracy = model.evaluate(x, labels, verbose=0, return_dict=True)["accuracy"]
-    print(f"training-set accuracy after DP-BiTFiT: {accuracy:.3f} (chance: {max(labels.mean(), 1 - labels.mean()):.3f})")
+    print(
+        f"training-set accuracy after DP-BiTFiT: {accuracy:.3f} (chance: {max(labels.mean(), 1 - labels.mean()):.3f})"
+    )
     eps, delta = model.privacy_spent(1 / (2 * n))
-    print(f"σ = {model.optimizer.noise_multiplier:.3f}, steps = {model.optimizer.dp_steps}, "
-          f"spent (ε, δ) = ({eps:.2f}, {delta:.2e}); trainable: {model.selection}")
+    print(
+        f"σ = {model.optimizer.noise_multiplier:.3f}, steps = {model.optimizer.dp_steps}, "
+        f"spent (ε, δ) = ({eps:.2f}, {delta:.2e}); trainable: {model.selection}"
+    )
 
 
 if __name__ == "__main__":

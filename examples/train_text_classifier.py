@@ -22,23 +22,40 @@ from absl import app, flags  # noqa: E402
 from dpk_examples import example_flags, recipes, tasks, text  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("preset", "offline-minilm", "keras-hub preset name or local preset directory; "
-                    "'offline-minilm' is the packaged all-MiniLM-L6-v2 BERT.")
+flags.DEFINE_string(
+    "preset",
+    "offline-minilm",
+    "keras-hub preset name or local preset directory; 'offline-minilm' is the packaged all-MiniLM-L6-v2 BERT.",
+)
 flags.DEFINE_string("dataset", "tweets_binary", "'tweets' (3-class), 'tweets_binary', or a TFDS name (e.g. glue/sst2).")
-flags.DEFINE_enum("method", "dp_bitfit_head", sorted(recipes.METHODS),
-                  "What to train, privately or not. The classifier head is new (random), so bias-only "
-                  "methods cannot rotate it: bias+head is the default, as in BiTFiT practice.")
+flags.DEFINE_enum(
+    "method",
+    "dp_bitfit_head",
+    sorted(recipes.METHODS),
+    "What to train, privately or not. The classifier head is new (random), so bias-only "
+    "methods cannot rotate it: bias+head is the default, as in BiTFiT practice.",
+)
 example_flags.define_shared_flags()  # --epsilon, --l2_norm_clip, --optimizer, --seed, ...
-flags.DEFINE_integer("epochs", None, "Epochs; default 3 for private methods, 1 for non-private ones "
-                     "(examples/accuracy_study.py's choices on the offline task).")
+flags.DEFINE_integer(
+    "epochs",
+    None,
+    "Epochs; default 3 for private methods, 1 for non-private ones "
+    "(examples/accuracy_study.py's choices on the offline task).",
+)
 flags.DEFINE_integer("batch_size", 128, "Expected logical batch size (Poisson sampling for private methods).")
 flags.DEFINE_float("learning_rate", None, "Learning rate; default per method, Adam's (5e-3 for bias-only).")
-flags.DEFINE_integer("gradient_accumulation_steps", 1, "Private methods: split each Poisson batch into this many "
-                     "micro-batches, noise once per batch (same ε, ~1/k the memory; e.g. 4 for dp_full).")
+flags.DEFINE_integer(
+    "gradient_accumulation_steps",
+    1,
+    "Private methods: split each Poisson batch into this many "
+    "micro-batches, noise once per batch (same ε, ~1/k the memory; e.g. 4 for dp_full).",
+)
 flags.DEFINE_integer("max_examples", 6000, "Use at most this many labelled examples (0: all).")
 flags.DEFINE_integer("sequence_length", 64, "Tokens per example (64 covers over 99% of the tweets).")
 flags.DEFINE_enum("pooling", "mean", ["mean", "cls"], "Classifier pooling over the backbone's outputs.")
-flags.DEFINE_string("summary_json", None, "Also write the run summary here (and a one-row Markdown table next to it, .md).")
+flags.DEFINE_string(
+    "summary_json", None, "Also write the run summary here (and a one-row Markdown table next to it, .md)."
+)
 
 
 def run():
@@ -48,17 +65,31 @@ def run():
         optimizer = recipes.optimizer_for(FLAGS.method, FLAGS.optimizer, FLAGS.learning_rate)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    task = tasks.text_task(FLAGS.preset, FLAGS.dataset, FLAGS.max_examples or None, FLAGS.sequence_length, FLAGS.pooling)
+    task = tasks.text_task(
+        FLAGS.preset, FLAGS.dataset, FLAGS.max_examples or None, FLAGS.sequence_length, FLAGS.pooling
+    )
     data, preprocessor = task.splits, task.preprocessor
     splits = (data.train, data.validation, data.test)
     print(f"{FLAGS.dataset}: {[len(y) for _, y in splits]} train/validation/test examples, classes {data.class_names}")
-    settings = dict(optimizer=optimizer, learning_rate=FLAGS.learning_rate or task.learning_rate(FLAGS.method),
-                    lr_schedule=FLAGS.lr_schedule or task.lr_schedule(FLAGS.method))
+    settings = dict(
+        optimizer=optimizer,
+        learning_rate=FLAGS.learning_rate or task.learning_rate(FLAGS.method),
+        lr_schedule=FLAGS.lr_schedule or task.lr_schedule(FLAGS.method),
+    )
     result = recipes.train(
-        FLAGS.method, task.build_model, *splits,
-        epsilon=FLAGS.epsilon, delta=FLAGS.delta, epochs=FLAGS.epochs or (3 if recipes.METHODS[FLAGS.method][1] else 1),
-        batch_size=FLAGS.batch_size, l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, head_init=FLAGS.head_init,
-        gradient_accumulation_steps=FLAGS.gradient_accumulation_steps, seed=FLAGS.seed, noise_seed=FLAGS.noise_seed,
+        FLAGS.method,
+        task.build_model,
+        *splits,
+        epsilon=FLAGS.epsilon,
+        delta=FLAGS.delta,
+        epochs=FLAGS.epochs or (3 if recipes.METHODS[FLAGS.method][1] else 1),
+        batch_size=FLAGS.batch_size,
+        l2_norm_clip=FLAGS.l2_norm_clip,
+        clipping=FLAGS.clipping,
+        head_init=FLAGS.head_init,
+        gradient_accumulation_steps=FLAGS.gradient_accumulation_steps,
+        seed=FLAGS.seed,
+        noise_seed=FLAGS.noise_seed,
         **settings,
     )
     export_dir = FLAGS.export_dir or recipes.default_export_dir(FLAGS.dataset, FLAGS.method, FLAGS.epsilon)
@@ -66,9 +97,17 @@ def run():
     text.export_text_classifier(model, preprocessor, export_dir, data.class_names)
     tokens_dir = text.tokens_export_dir(export_dir)  # the same model for clients without TF Text
 
-    summary = dict(result.as_dict(), dataset=FLAGS.dataset, preset=FLAGS.preset, export_dir=export_dir,
-                   tokens_export_dir=tokens_dir, **settings)
-    recipes.print_summary(result, export_dir, f"(uv run python examples/predict.py --model_dir={export_dir} 'some text')")
+    summary = dict(
+        result.as_dict(),
+        dataset=FLAGS.dataset,
+        preset=FLAGS.preset,
+        export_dir=export_dir,
+        tokens_export_dir=tokens_dir,
+        **settings,
+    )
+    recipes.print_summary(
+        result, export_dir, f"(uv run python examples/predict.py --model_dir={export_dir} 'some text')"
+    )
     print(f"Tokens-only model:   {tokens_dir}  (plain TF ops: no tensorflow_text needed; assets/vocab.txt)")
     summary["wall_s"] = time.perf_counter() - start  # data, model, training, evaluation, export
     if FLAGS.summary_json:
@@ -81,7 +120,11 @@ def run():
 
 def summary_table(summary, data):
     """The run as a one-row Markdown table (what the README includes)."""
-    eps = "∞" if summary["noise_multiplier"] is None else f"{summary['epsilon']:.3f} (σ {summary['noise_multiplier']:.3f})"
+    eps = (
+        "∞"
+        if summary["noise_multiplier"] is None
+        else f"{summary['epsilon']:.3f} (σ {summary['noise_multiplier']:.3f})"
+    )
     sizes = "/".join(f"{len(y):,}" for _, y in (data.train, data.validation, data.test))
     return (
         "| method | train/val/test | ε | steps | validation % | test % | ms/step | wall, data to export |\n"

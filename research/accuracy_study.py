@@ -53,16 +53,23 @@ from absl import app, flags  # noqa: E402
 from dpk_examples import recipes, tasks  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("tasks", ["image", "text"], "Tasks to search: image (digits transfer) and/or text (tweets_binary, MiniLM).")
-flags.DEFINE_string("out", "research/results/study", "Output prefix: <out>_<task>.jsonl (runs), <out>.md, <out>.json, <out>.png.")
+flags.DEFINE_list(
+    "tasks", ["image", "text"], "Tasks to search: image (digits transfer) and/or text (tweets_binary, MiniLM)."
+)
+flags.DEFINE_string(
+    "out", "research/results/study", "Output prefix: <out>_<task>.jsonl (runs), <out>.md, <out>.json, <out>.png."
+)
 flags.DEFINE_float("budget_minutes", 8.0, "Runs slower than this (train + evaluation, measured) are never chosen.")
 flags.DEFINE_list("epsilons", ["3", "8"], "ε values of the final accuracy-vs-ε runs of the private winner.")
 flags.DEFINE_integer("image_repeats", 3, "Runs per digits configuration (fresh DP noise; 89 validation images).")
 flags.DEFINE_integer("text_repeats", 1, "Runs per text configuration.")
 flags.DEFINE_bool("report", False, "Only write the report from the recorded runs (no training).")
-flags.DEFINE_list("phases", ["private", "nonprivate", "epsilons", "low_epsilon", "noise_floor", "transfer"],
-                  "Which phases to run, in this order (low_epsilon: the winner re-tuned at ε = 3; noise_floor: "
-                  "the winner without noise, σ = 0, not private: how much of the gap the noise costs).")
+flags.DEFINE_list(
+    "phases",
+    ["private", "nonprivate", "epsilons", "low_epsilon", "noise_floor", "transfer"],
+    "Which phases to run, in this order (low_epsilon: the winner re-tuned at ε = 3; noise_floor: "
+    "the winner without noise, σ = 0, not private: how much of the gap the noise costs).",
+)
 
 TARGET_EPSILON = 8.0
 # A run's fixed wall time (load, compile, evaluate), outside the per-example cost.
@@ -72,10 +79,26 @@ SHARED_KNOBS = ("head_init", "clipping", "l2_norm_clip")
 
 # The defaults before this study (recipes / the example binaries) are the starting points.
 BASE = {
-    "text": dict(method="dp_bitfit_head", learning_rate=1e-2, batch_size=128, epochs=1, l2_norm_clip=0.1,
-                 clipping="automatic", head_init="random", train_examples=4800, sequence_length=64),
-    "image": dict(method="dp_bitfit_head", learning_rate=2e-2, batch_size=64, epochs=30, l2_norm_clip=0.1,
-                  clipping="automatic", head_init="random"),
+    "text": dict(
+        method="dp_bitfit_head",
+        learning_rate=1e-2,
+        batch_size=128,
+        epochs=1,
+        l2_norm_clip=0.1,
+        clipping="automatic",
+        head_init="random",
+        train_examples=4800,
+        sequence_length=64,
+    ),
+    "image": dict(
+        method="dp_bitfit_head",
+        learning_rate=2e-2,
+        batch_size=64,
+        epochs=30,
+        l2_norm_clip=0.1,
+        clipping="automatic",
+        head_init="random",
+    ),
 }
 # Stages of the private search at ε = 8: (name, options). An option overrides the current best;
 # "lr_scale" multiplies its learning rate.
@@ -100,37 +123,66 @@ PRIVATE_PLAN = {
         ("head init", [{}, {"head_init": "zeros"}]),
         ("clipping", [{}, {"clipping": "abadi", "l2_norm_clip": 1.0}]),
         # Larger expected batches with more epochs: fewer, less noisy steps (DP's large-batch regime).
-        ("batch x epochs", [{}, {"batch_size": 128, "epochs": 60}, {"batch_size": 256, "epochs": 100},
-                            {"batch_size": 512, "epochs": 200}]),
+        (
+            "batch x epochs",
+            [
+                {},
+                {"batch_size": 128, "epochs": 60},
+                {"batch_size": 256, "epochs": 100},
+                {"batch_size": 512, "epochs": 200},
+            ],
+        ),
         ("learning rate again", [{}, {"lr_scale": 0.5}, {"lr_scale": 2.0}]),
         ("learning-rate schedule", [{}, {"lr_schedule": "linear"}]),
         # Absent = Adam. SGD with momentum 0.9 at a few rates (its scale differs from Adam's).
-        ("optimizer", [{}, {"optimizer": "sgd", "learning_rate": 0.03}, {"optimizer": "sgd", "learning_rate": 0.1},
-                       {"optimizer": "sgd", "learning_rate": 0.3}]),
+        (
+            "optimizer",
+            [
+                {},
+                {"optimizer": "sgd", "learning_rate": 0.03},
+                {"optimizer": "sgd", "learning_rate": 0.1},
+                {"optimizer": "sgd", "learning_rate": 0.3},
+            ],
+        ),
         # Absent = none. Evaluate/export an exponential moving average of the noisy iterates
         # (post-processing, no ε): horizons of about 10, 33 and 100 of the run's 300 steps.
         ("weight averaging (EMA)", [{}, {"ema_momentum": 0.9}, {"ema_momentum": 0.97}, {"ema_momentum": 0.99}]),
         # SGD's rate between the optimizer stage's 0.1 and 0.3 (clipped SGD without noise is
         # under-trained at 0.1: see the noise-floor phase), then larger batches with SGD.
         ("SGD learning rate", [{}, {"lr_scale": 1.5}, {"lr_scale": 2.0}]),
-        ("batch x epochs with SGD", [{}, {"batch_size": 512, "epochs": 200}, {"batch_size": 512, "epochs": 200, "lr_scale": 2.0}]),
+        (
+            "batch x epochs with SGD",
+            [{}, {"batch_size": 512, "epochs": 200}, {"batch_size": 512, "epochs": 200, "lr_scale": 2.0}],
+        ),
     ],
 }
 # Non-private search: each method at a few learning rates, then more epochs for the best.
 NONPRIVATE_PLAN = {
     "text": [
-        ("method and learning rate", [
-            {"method": "bitfit_head", "learning_rate": 1e-2}, {"method": "full", "learning_rate": 5e-5},
-            {"method": "full", "learning_rate": 1e-4}]),
+        (
+            "method and learning rate",
+            [
+                {"method": "bitfit_head", "learning_rate": 1e-2},
+                {"method": "full", "learning_rate": 5e-5},
+                {"method": "full", "learning_rate": 1e-4},
+            ],
+        ),
         ("learning-rate schedule", [{}, {"lr_schedule": "linear"}]),
         # Not searched here (time): non-private LoRA and more epochs; one epoch of non-private
         # full fine-tuning already beats every private run, so the gap below is a lower bound.
     ],
     "image": [
-        ("method and learning rate", [
-            {"method": "bitfit_head", "learning_rate": 2e-2}, {"method": "bitfit_head", "learning_rate": 5e-3},
-            {"method": "full", "learning_rate": 1e-3}, {"method": "full", "learning_rate": 3e-3},
-            {"method": "lora", "learning_rate": 2e-3}, {"method": "lora", "learning_rate": 5e-3}]),
+        (
+            "method and learning rate",
+            [
+                {"method": "bitfit_head", "learning_rate": 2e-2},
+                {"method": "bitfit_head", "learning_rate": 5e-3},
+                {"method": "full", "learning_rate": 1e-3},
+                {"method": "full", "learning_rate": 3e-3},
+                {"method": "lora", "learning_rate": 2e-3},
+                {"method": "lora", "learning_rate": 5e-3},
+            ],
+        ),
         ("epochs", [{}, {"epochs": 60}]),
         ("learning-rate schedule", [{}, {"lr_schedule": "linear"}]),
     ],
@@ -202,16 +254,38 @@ class Study:
             print(f"== {self.task_name} [{stage}] {json.dumps(config)} run {repeat + 1}/{want}", flush=True)
             start = time.perf_counter()
             result = recipes.train(
-                config["method"], task.build_model, (train_x, train_y), task.splits.validation, task.splits.test,
-                epsilon=config.get("epsilon", 1.0), epochs=config["epochs"], batch_size=config["batch_size"],
-                l2_norm_clip=config["l2_norm_clip"], clipping=config["clipping"], learning_rate=config["learning_rate"],
-                head_init=config["head_init"], lr_schedule=config.get("lr_schedule", "constant"),
-                optimizer=config.get("optimizer", "adam"), ema_momentum=config.get("ema_momentum"),
-                noise_multiplier=config.get("noise_multiplier"), seed=0, verbose=0,
+                config["method"],
+                task.build_model,
+                (train_x, train_y),
+                task.splits.validation,
+                task.splits.test,
+                epsilon=config.get("epsilon", 1.0),
+                epochs=config["epochs"],
+                batch_size=config["batch_size"],
+                l2_norm_clip=config["l2_norm_clip"],
+                clipping=config["clipping"],
+                learning_rate=config["learning_rate"],
+                head_init=config["head_init"],
+                lr_schedule=config.get("lr_schedule", "constant"),
+                optimizer=config.get("optimizer", "adam"),
+                ema_momentum=config.get("ema_momentum"),
+                noise_multiplier=config.get("noise_multiplier"),
+                seed=0,
+                verbose=0,
             )
-            row = dict(key=self.key(config), config=config, stage=stage, repeat=repeat, wall_s=time.perf_counter() - start,
-                       train_examples=len(train_y), **result.as_dict())
-            print(f"   validation {row['validation_accuracy']:.4f}  ε {row['epsilon']:.3f}  {row['wall_s']:.0f} s", flush=True)
+            row = dict(
+                key=self.key(config),
+                config=config,
+                stage=stage,
+                repeat=repeat,
+                wall_s=time.perf_counter() - start,
+                train_examples=len(train_y),
+                **result.as_dict(),
+            )
+            print(
+                f"   validation {row['validation_accuracy']:.4f}  ε {row['epsilon']:.3f}  {row['wall_s']:.0f} s",
+                flush=True,
+            )
             self.runs.append(row)
             with open(self.path, "a") as f:  # nothing lost on a crash: one line per finished run
                 f.write(json.dumps(row, default=str) + "\n")
@@ -231,8 +305,11 @@ class Study:
         (the least disturbed by other work on the machine). A run's own wall time may be inflated
         by whatever else the machine ran, so budget decisions use this estimate."""
         fixed = FIXED_S[self.task_name]
-        per_pass = [(r["wall_s"] - fixed) / self.passes(r["config"]) for r in self.runs
-                    if r["config"]["method"] == config["method"] and self.passes(r["config"]) > 0]
+        per_pass = [
+            (r["wall_s"] - fixed) / self.passes(r["config"])
+            for r in self.runs
+            if r["config"]["method"] == config["method"] and self.passes(r["config"]) > 0
+        ]
         if not per_pass:
             return 0.0
         return fixed + self.passes(config) * max(min(per_pass), 0.0)
@@ -286,21 +363,25 @@ def nonprivate_base(task_name, private_best):
 
 
 def study_task(task_name):
-    study = Study(task_name, f"{FLAGS.out}_{task_name}.jsonl", FLAGS.text_repeats if task_name == "text" else FLAGS.image_repeats)
+    study = Study(
+        task_name, f"{FLAGS.out}_{task_name}.jsonl", FLAGS.text_repeats if task_name == "text" else FLAGS.image_repeats
+    )
     budget_s = 60 * FLAGS.budget_minutes
     summary = {"task": task_name}
     best, summary["private_log"] = study.search(private_base(task_name), PRIVATE_PLAN[task_name], budget_s, "private")
     summary["private_best"] = best
     if "nonprivate" in FLAGS.phases:
         nbest, summary["nonprivate_log"] = study.search(
-            nonprivate_base(task_name, best), NONPRIVATE_PLAN[task_name], budget_s, "non-private")
+            nonprivate_base(task_name, best), NONPRIVATE_PLAN[task_name], budget_s, "non-private"
+        )
         summary["nonprivate_best"] = nbest
     if "epsilons" in FLAGS.phases:
         for eps in FLAGS.epsilons:
             study.run(dict(best, epsilon=float(eps)), "accuracy vs ε")
     if "low_epsilon" in FLAGS.phases and LOW_EPSILON_PLAN[task_name]:
         summary["low_epsilon_best"], summary["low_epsilon_log"] = study.search(
-            dict(best, epsilon=LOW_EPSILON), LOW_EPSILON_PLAN[task_name], budget_s, f"private ε={LOW_EPSILON:g}")
+            dict(best, epsilon=LOW_EPSILON), LOW_EPSILON_PLAN[task_name], budget_s, f"private ε={LOW_EPSILON:g}"
+        )
     if "noise_floor" in FLAGS.phases:
         for option in NOISE_FLOOR_PLAN[task_name]:
             study.run(apply_option(dict(best, noise_multiplier=0.0), option), NOISE_FLOOR_STAGE)
@@ -320,7 +401,9 @@ def _recorded_best(task_name):
     if not os.path.exists(path):
         return None
     study = Study(task_name, path, FLAGS.text_repeats if task_name == "text" else FLAGS.image_repeats)
-    return study.search(private_base(task_name), PRIVATE_PLAN[task_name], 60 * FLAGS.budget_minutes, "private", run=False)[0]
+    return study.search(
+        private_base(task_name), PRIVATE_PLAN[task_name], 60 * FLAGS.budget_minutes, "private", run=False
+    )[0]
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -344,14 +427,23 @@ def report():
             continue
         study = Study(task_name, path, FLAGS.text_repeats if task_name == "text" else FLAGS.image_repeats)
         budget_s = 60 * FLAGS.budget_minutes
-        title = {"text": "text: tweets_binary, MiniLM-L6", "image": "image: digits 5-9, CNN pretrained on 0-4"}[task_name]
-        lines = [f"### {title}", "", f"Base (the defaults before this study): `{json.dumps(BASE[task_name])}`", "",
-                 "| search | stage | configuration (changes from base) | validation % | wall s (estimated quiet) | chosen |",
-                 "|---|---|---|---:|---:|:---:|"]
+        title = {"text": "text: tweets_binary, MiniLM-L6", "image": "image: digits 5-9, CNN pretrained on 0-4"}[
+            task_name
+        ]
+        lines = [
+            f"### {title}",
+            "",
+            f"Base (the defaults before this study): `{json.dumps(BASE[task_name])}`",
+            "",
+            "| search | stage | configuration (changes from base) | validation % | wall s (estimated quiet) | chosen |",
+            "|---|---|---|---:|---:|:---:|",
+        ]
         task_data = {"runs": study.runs}
-        for label, base, plan in (("private ε=8", private_base(task_name), PRIVATE_PLAN[task_name]),
-                                  ("non-private", None, NONPRIVATE_PLAN[task_name]),
-                                  (f"private ε={LOW_EPSILON:g}", None, LOW_EPSILON_PLAN[task_name])):
+        for label, base, plan in (
+            ("private ε=8", private_base(task_name), PRIVATE_PLAN[task_name]),
+            ("non-private", None, NONPRIVATE_PLAN[task_name]),
+            (f"private ε={LOW_EPSILON:g}", None, LOW_EPSILON_PLAN[task_name]),
+        ):
             if base is None:
                 if "private_best" not in task_data:
                     break
@@ -368,13 +460,17 @@ def report():
                     runs = study.results(c)
                     wall = statistics.mean(r["wall_s"] for r in runs)
                     over = "" if study.within_budget(c, budget_s) else ", over budget"
-                    lines.append(f"| {label} | {stage} | {_describe(c, BASE[task_name])} | "
-                                 f"{_pct([r['validation_accuracy'] for r in runs])} | {wall:.0f} ({study.estimate_s(c):.0f}{over}) | "
-                                 f"{'✓' if c is chosen else ''} |")
+                    lines.append(
+                        f"| {label} | {stage} | {_describe(c, BASE[task_name])} | "
+                        f"{_pct([r['validation_accuracy'] for r in runs])} | {wall:.0f} ({study.estimate_s(c):.0f}{over}) | "
+                        f"{'✓' if c is chosen else ''} |"
+                    )
             if best is None:
                 lines.append(f"| {label} | (search not finished) | | | | |")
                 break
-            task_data[{"private ε=8": "private_best", "non-private": "nonprivate_best"}.get(label, "low_epsilon_best")] = best
+            task_data[
+                {"private ε=8": "private_best", "non-private": "nonprivate_best"}.get(label, "low_epsilon_best")
+            ] = best
         lines.append("")
         if "private_best" in task_data:
             lines += _final_table(study, task_data)
@@ -384,12 +480,16 @@ def report():
     if all(bests.get(name) for name in ("text", "image")):
         shared = {k: (bests["text"][k], bests["image"][k]) for k in SHARED_KNOBS}
         if all(a == b for a, b in shared.values()):
-            sections.append("Transfer check: the two searches chose the same task-independent settings "
-                            f"({', '.join(f'{k}={a}' for k, (a, _) in shared.items())}) independently, so "
-                            "each task's defaults already hold the other's choices (no extra run needed).")
+            sections.append(
+                "Transfer check: the two searches chose the same task-independent settings "
+                f"({', '.join(f'{k}={a}' for k, (a, _) in shared.items())}) independently, so "
+                "each task's defaults already hold the other's choices (no extra run needed)."
+            )
         else:
-            sections.append("Transfer check: the tasks chose different task-independent settings "
-                            f"{shared}; see each task's transfer line above.")
+            sections.append(
+                "Transfer check: the tasks chose different task-independent settings "
+                f"{shared}; see each task's transfer line above."
+            )
     with open(FLAGS.out + ".md", "w") as f:
         f.write("\n\n".join(sections) + "\n")
     with open(FLAGS.out + ".json", "w") as f:
@@ -407,8 +507,15 @@ def _final_table(study, task_data):
     rows = []
     if nbest and study.results(nbest):
         rows.append((f"non-private {nbest['method']}", nbest))
-    epsilons = sorted({r["config"].get("epsilon") for r in study.runs if r["config"].get("epsilon")
-                       and {k: v for k, v in r["config"].items() if k != "epsilon"} == {k: v for k, v in best.items() if k != "epsilon"}})
+    epsilons = sorted(
+        {
+            r["config"].get("epsilon")
+            for r in study.runs
+            if r["config"].get("epsilon")
+            and {k: v for k, v in r["config"].items() if k != "epsilon"}
+            == {k: v for k, v in best.items() if k != "epsilon"}
+        }
+    )
     rows += [(f"private {best['method']}", dict(best, epsilon=e)) for e in epsilons]
     low = task_data.get("low_epsilon_best")
     if low and low != dict(best, epsilon=LOW_EPSILON):
@@ -417,28 +524,46 @@ def _final_table(study, task_data):
     for label, config in rows:
         runs = study.results(config)
         eps = "∞" if not recipes.METHODS[config["method"]][1] else f"{statistics.mean(r['epsilon'] for r in runs):.2f}"
-        lines.append(f"| {label} | {eps} | {_pct([r['validation_accuracy'] for r in runs])} | "
-                     f"{_pct([r['test_accuracy'] for r in runs])} | {runs[0]['steps']} | {statistics.mean(r['wall_s'] for r in runs):.0f} |")
-        curve.append(dict(label=label, epsilon=math.inf if eps == "∞" else float(eps),
-                          test=[r["test_accuracy"] for r in runs], validation=[r["validation_accuracy"] for r in runs]))
+        lines.append(
+            f"| {label} | {eps} | {_pct([r['validation_accuracy'] for r in runs])} | "
+            f"{_pct([r['test_accuracy'] for r in runs])} | {runs[0]['steps']} | {statistics.mean(r['wall_s'] for r in runs):.0f} |"
+        )
+        curve.append(
+            dict(
+                label=label,
+                epsilon=math.inf if eps == "∞" else float(eps),
+                test=[r["test_accuracy"] for r in runs],
+                validation=[r["validation_accuracy"] for r in runs],
+            )
+        )
     task_data["curve"] = curve
     floor = list({r["key"]: r["config"] for r in study.runs if r["stage"] == NOISE_FLOOR_STAGE}.values())
     if floor:
-        lines += ["", "Noise floor: the chosen private configuration with σ = 0 (clipped per-example gradients and "
-                  "Poisson sampling as in the private run, no noise; **not private**):", "",
-                  "| configuration | validation % | test % |", "|---|---:|---:|"]
+        lines += [
+            "",
+            "Noise floor: the chosen private configuration with σ = 0 (clipped per-example gradients and "
+            "Poisson sampling as in the private run, no noise; **not private**):",
+            "",
+            "| configuration | validation % | test % |",
+            "|---|---:|---:|",
+        ]
         for config in floor:
             runs = study.results(config)
             changed = _describe(config, dict(best, noise_multiplier=0.0))
-            lines.append(f"| {'as chosen' if changed == '(base)' else changed} | "
-                         f"{_pct([r['validation_accuracy'] for r in runs])} | {_pct([r['test_accuracy'] for r in runs])} |")
+            lines.append(
+                f"| {'as chosen' if changed == '(base)' else changed} | "
+                f"{_pct([r['validation_accuracy'] for r in runs])} | {_pct([r['test_accuracy'] for r in runs])} |"
+            )
     transfer = [r for r in study.runs if r["stage"].startswith("transfer")]
     if transfer:
         config = transfer[0]["config"]
         runs = study.results(config)
-        lines += ["", f"Transfer check ({transfer[0]['stage']}): `{_describe(config, best)}` → validation "
-                  f"{_pct([r['validation_accuracy'] for r in runs])}% vs {_pct([r['validation_accuracy'] for r in study.results(best)])}% "
-                  "with this task's own choices."]
+        lines += [
+            "",
+            f"Transfer check ({transfer[0]['stage']}): `{_describe(config, best)}` → validation "
+            f"{_pct([r['validation_accuracy'] for r in runs])}% vs {_pct([r['validation_accuracy'] for r in study.results(best)])}% "
+            "with this task's own choices.",
+        ]
     return lines + [""]
 
 
@@ -454,14 +579,27 @@ def _plot(data):
     fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names):
         curve = data[name]["curve"]
-        private = sorted((c for c in curve if math.isfinite(c["epsilon"]) and "re-tuned" not in c["label"]),
-                         key=lambda c: c["epsilon"])
-        ax.plot([c["epsilon"] for c in private], [statistics.mean(c["test"]) for c in private], marker="o",
-                label=private[0]["label"] if private else "private")
+        private = sorted(
+            (c for c in curve if math.isfinite(c["epsilon"]) and "re-tuned" not in c["label"]),
+            key=lambda c: c["epsilon"],
+        )
+        ax.plot(
+            [c["epsilon"] for c in private],
+            [statistics.mean(c["test"]) for c in private],
+            marker="o",
+            label=private[0]["label"] if private else "private",
+        )
         for c in curve:
             if "re-tuned" in c["label"]:
-                ax.plot([c["epsilon"]], [statistics.mean(c["test"])], marker="*", markersize=12, linestyle="none",
-                        color="C3", label=c["label"])
+                ax.plot(
+                    [c["epsilon"]],
+                    [statistics.mean(c["test"])],
+                    marker="*",
+                    markersize=12,
+                    linestyle="none",
+                    color="C3",
+                    label=c["label"],
+                )
         for c in curve:
             if math.isinf(c["epsilon"]):
                 ax.axhline(statistics.mean(c["test"]), linestyle="--", color="C2", label=f"{c['label']}")

@@ -48,21 +48,43 @@ flags.DEFINE_integer("text_batch_size", 128, "Expected batch size on the text ta
 flags.DEFINE_integer("image_epochs", 30, "Epochs on the image task.")
 flags.DEFINE_integer("image_batch_size", 64, "Expected batch size on the image task.")
 flags.DEFINE_integer("seed", 0, "Seed of initialisation, splits and dropout (not the DP noise or sampling).")
-flags.DEFINE_integer("noise_seed", None, "Make the DP noise and Poisson sampling reproducible (not private against "
-                     "whoever knows it). Default: secret keys, so private rows vary from run to run.")
-flags.DEFINE_integer("repeats", 1, "Runs per (method, ε): same splits and initialisation, fresh DP noise and "
-                     "sampling each run; tables show mean ± standard deviation.")
+flags.DEFINE_integer(
+    "noise_seed",
+    None,
+    "Make the DP noise and Poisson sampling reproducible (not private against "
+    "whoever knows it). Default: secret keys, so private rows vary from run to run.",
+)
+flags.DEFINE_integer(
+    "repeats",
+    1,
+    "Runs per (method, ε): same splits and initialisation, fresh DP noise and "
+    "sampling each run; tables show mean ± standard deviation.",
+)
 flags.DEFINE_string("out", "research/results/utility", "Output prefix: writes <out>.json, <out>.md, <out>.png.")
-flags.DEFINE_bool("resume", False, "Keep the runs already in <out>.json (written after every run) and do only the "
-                  "missing ones (more methods, ε values or repeats); refused if that file was made "
-                  "with other run settings (epochs, batch, seed, clipping, ...).")
+flags.DEFINE_bool(
+    "resume",
+    False,
+    "Keep the runs already in <out>.json (written after every run) and do only the "
+    "missing ones (more methods, ε values or repeats); refused if that file was made "
+    "with other run settings (epochs, batch, seed, clipping, ...).",
+)
 flags.DEFINE_float("l2_norm_clip", 1.0, "Clipping norm C of the private methods (recipes' default).")
 flags.DEFINE_enum("clipping", "abadi", ["abadi", "automatic"], "Clipping style (recipes' default: abadi).")
-flags.DEFINE_enum("lr_schedule", None, ["constant", "linear"], "Learning rate over each run (recipes.train; "
-                  "two-phase methods: constant only). Default: the task's choice per method (Task.lr_schedule).")
-flags.DEFINE_enum("head_init", "auto", ["auto", "random", "zeros"], "Classifier head at start (recipes' default: auto). "
-                  "Tables made before research/accuracy_study.py used --l2_norm_clip=0.1 --clipping=automatic "
-                  "--head_init=random.")
+flags.DEFINE_enum(
+    "lr_schedule",
+    None,
+    ["constant", "linear"],
+    "Learning rate over each run (recipes.train; "
+    "two-phase methods: constant only). Default: the task's choice per method (Task.lr_schedule).",
+)
+flags.DEFINE_enum(
+    "head_init",
+    "auto",
+    ["auto", "random", "zeros"],
+    "Classifier head at start (recipes' default: auto). "
+    "Tables made before research/accuracy_study.py used --l2_norm_clip=0.1 --clipping=automatic "
+    "--head_init=random.",
+)
 
 
 def _runs(methods, epsilons):
@@ -98,20 +120,31 @@ def write_peer_task(task, path, seed):
     backbone = next(layer for layer in model.layers if isinstance(layer, keras_hub.models.BertBackbone))
     config = backbone.get_config()
     meta = {
-        "shape": {"model": "bert", "layers": config["num_layers"], "hidden": config["hidden_dim"], "heads": config["num_heads"],
-                  "intermediate": config["intermediate_dim"], "max_positions": config["max_sequence_length"],
-                  "vocab": config["vocabulary_size"], "seq": int(task.splits.train[0]["token_ids"].shape[1])},
+        "shape": {
+            "model": "bert",
+            "layers": config["num_layers"],
+            "hidden": config["hidden_dim"],
+            "heads": config["num_heads"],
+            "intermediate": config["intermediate_dim"],
+            "max_positions": config["max_sequence_length"],
+            "vocab": config["vocabulary_size"],
+            "seq": int(task.splits.train[0]["token_ids"].shape[1]),
+        },
         "num_classes": len(task.splits.class_names),
         "pooling": TEXT_POOLING,
     }
     arrays = {"meta": json.dumps(meta)}
-    for name, (x, y) in zip(("train", "validation", "test"), (task.splits.train, task.splits.validation, task.splits.test)):
+    for name, (x, y) in zip(
+        ("train", "validation", "test"), (task.splits.train, task.splits.validation, task.splits.test)
+    ):
         arrays.update({f"{name}/{k}": v for k, v in x.items()})
         arrays[f"{name}/y"] = y
     unused = ("pooled_dense/",) if TEXT_POOLING == "mean" else ()
     arrays.update({f"weights/{w.path}": w.numpy() for w in model.weights if not w.path.startswith(unused)})
     x_test = task.splits.test[0]
-    arrays["reference_logits"] = keras.ops.convert_to_numpy(model({k: v[:8] for k, v in x_test.items()}, training=False))
+    arrays["reference_logits"] = keras.ops.convert_to_numpy(
+        model({k: v[:8] for k, v in x_test.items()}, training=False)
+    )
     np.savez(path, **arrays)
 
 
@@ -119,9 +152,18 @@ def peer_run(task, task_file, method, eps, epochs, batch_size):
     """One TF Privacy peer run in a tf_keras process; returns its result row."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "row.json")
-        cmd = [sys.executable, PEER_BINARY, f"--text_npz={task_file}", f"--text_mode={method}", f"--epsilon={eps}",
-               f"--batch_size={batch_size}", f"--epochs={epochs}", f"--learning_rate={task.learning_rate(PEER_METHODS[method])}",
-               f"--seed={FLAGS.seed}", f"--out={out}"]
+        cmd = [
+            sys.executable,
+            PEER_BINARY,
+            f"--text_npz={task_file}",
+            f"--text_mode={method}",
+            f"--epsilon={eps}",
+            f"--batch_size={batch_size}",
+            f"--epochs={epochs}",
+            f"--learning_rate={task.learning_rate(PEER_METHODS[method])}",
+            f"--seed={FLAGS.seed}",
+            f"--out={out}",
+        ]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, TF_USE_LEGACY_KERAS="1"))
         with open(out) as f:
             return json.load(f)
@@ -149,10 +191,15 @@ def _sweep_runs(task_name, task, epochs, batch_size, epsilons, scratch, done, sa
         for repeat in range(FLAGS.repeats if math.isfinite(eps) else 1):
             if (task_name, method, eps, repeat) in finished:
                 rows.append(finished[(task_name, method, eps, repeat)])
-                print(f"== {task_name}: {method} at ε = {eps:g}, run {repeat + 1}: kept from {FLAGS.out}.json", flush=True)
+                print(
+                    f"== {task_name}: {method} at ε = {eps:g}, run {repeat + 1}: kept from {FLAGS.out}.json", flush=True
+                )
                 continue
-            print(f"== {task_name}: {method} at ε = {eps:g}" + (f", run {repeat + 1}/{FLAGS.repeats}" if FLAGS.repeats > 1 else ""),
-                  flush=True)
+            print(
+                f"== {task_name}: {method} at ε = {eps:g}"
+                + (f", run {repeat + 1}/{FLAGS.repeats}" if FLAGS.repeats > 1 else ""),
+                flush=True,
+            )
             if method in PEER_METHODS:
                 if not task_name.startswith("text"):
                     print("   skipped: the TF Privacy peer runs on the text task only", flush=True)
@@ -163,17 +210,46 @@ def _sweep_runs(task_name, task, epochs, batch_size, epsilons, scratch, done, sa
                 result = peer_run(task, task_file, method, eps, epochs, batch_size)
             else:
                 # Recorded with each run: what it trained with.
-                settings = dict(learning_rate=task.learning_rate(method, eps), optimizer=task.optimizer(method),
-                                lr_schedule=FLAGS.lr_schedule or task.lr_schedule(method))
+                settings = dict(
+                    learning_rate=task.learning_rate(method, eps),
+                    optimizer=task.optimizer(method),
+                    lr_schedule=FLAGS.lr_schedule or task.lr_schedule(method),
+                )
                 result = recipes.train(
-                    method, task.build_model, task.splits.train, task.splits.validation, task.splits.test,
-                    epsilon=eps if math.isfinite(eps) else 1.0, epochs=epochs, batch_size=batch_size,
-                    seed=FLAGS.seed, noise_seed=FLAGS.noise_seed, verbose=0,
-                    l2_norm_clip=FLAGS.l2_norm_clip, clipping=FLAGS.clipping, head_init=FLAGS.head_init, **settings,
+                    method,
+                    task.build_model,
+                    task.splits.train,
+                    task.splits.validation,
+                    task.splits.test,
+                    epsilon=eps if math.isfinite(eps) else 1.0,
+                    epochs=epochs,
+                    batch_size=batch_size,
+                    seed=FLAGS.seed,
+                    noise_seed=FLAGS.noise_seed,
+                    verbose=0,
+                    l2_norm_clip=FLAGS.l2_norm_clip,
+                    clipping=FLAGS.clipping,
+                    head_init=FLAGS.head_init,
+                    **settings,
                 ).as_dict()
                 result.update(settings)
             row = dict(result, task=task_name, target_epsilon=eps, repeat=repeat)
-            print(json.dumps({k: row[k] for k in ("method", "target_epsilon", "epsilon", "validation_accuracy", "test_accuracy", "ms_per_step")}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        k: row[k]
+                        for k in (
+                            "method",
+                            "target_epsilon",
+                            "epsilon",
+                            "validation_accuracy",
+                            "test_accuracy",
+                            "ms_per_step",
+                        )
+                    }
+                ),
+                flush=True,
+            )
             rows.append(row)
             save(rows)
     return rows
@@ -201,8 +277,16 @@ def markdown(rows):
     lines = [header, "|" + "---|" * (2 + len(epsilons))]
     for task in dict.fromkeys(r["task"] for r in rows):
         for method in _methods_of(rows, task):
-            cells = {e: _cell([r["test_accuracy"] for r in rows if r["task"] == task and r["method"] == method and r["target_epsilon"] == e])
-                     for e in epsilons}
+            cells = {
+                e: _cell(
+                    [
+                        r["test_accuracy"]
+                        for r in rows
+                        if r["task"] == task and r["method"] == method and r["target_epsilon"] == e
+                    ]
+                )
+                for e in epsilons
+            }
             lines.append(f"| {task} | {method} | " + " | ".join(cells.get(e, "") for e in epsilons) + " |")
     return "\n".join(lines) + "\n"
 
@@ -218,9 +302,13 @@ def plot(rows, path):
     # A private method and its non-private twin share a colour: solid line vs dashed level.
     colours = {"bitfit": "C0", "bitfit_head": "C1", "full": "C2"}
     for ax, task in zip(axes[0], task_names):
-        epsilons = sorted({r["target_epsilon"] for r in rows if r["task"] == task and math.isfinite(r["target_epsilon"])})
+        epsilons = sorted(
+            {r["target_epsilon"] for r in rows if r["task"] == task and math.isfinite(r["target_epsilon"])}
+        )
         for method in _methods_of(rows, task):
-            runs = [(r["target_epsilon"], r["test_accuracy"]) for r in rows if r["task"] == task and r["method"] == method]
+            runs = [
+                (r["target_epsilon"], r["test_accuracy"]) for r in rows if r["task"] == task and r["method"] == method
+            ]
             points = sorted((e, statistics.mean(a for e2, a in runs if e2 == e)) for e in {e for e, _ in runs})
             colour = colours.get(method.removeprefix("dp_"))  # None: matplotlib's next colour
             if math.isinf(points[0][0]):
@@ -257,13 +345,22 @@ def _resumed_rows(flag_values):
         return []
     with open(path) as f:
         earlier = json.load(f)
-    ignore = {"resume", "out", "methods", "epsilons", "repeats", "tasks"}  # the file; the cells (rows are keyed by them)
+    ignore = {
+        "resume",
+        "out",
+        "methods",
+        "epsilons",
+        "repeats",
+        "tasks",
+    }  # the file; the cells (rows are keyed by them)
     # A flag added since that file was written counts as having had its default there.
     recorded = {k: earlier["flags"].get(k, FLAGS[k].default) for k in flag_values}
     mismatched = sorted(k for k in flag_values if k not in ignore and recorded[k] != flag_values[k])
     if mismatched:
-        raise app.UsageError(f"--resume: {path} was made with other run settings ({', '.join(mismatched)}); "
-                             "use another --out or the same flags.")
+        raise app.UsageError(
+            f"--resume: {path} was made with other run settings ({', '.join(mismatched)}); "
+            "use another --out or the same flags."
+        )
     return earlier["results"]
 
 
@@ -296,8 +393,9 @@ def run():
             rows += sweep("text: tweets_binary, MiniLM-L6", task, FLAGS.text_epochs, FLAGS.text_batch_size, done, save)
         else:
             task = tasks.digits_transfer_task(seed=FLAGS.seed)
-            rows += sweep("image: digits 5-9, CNN pretrained on 0-4", task, FLAGS.image_epochs, FLAGS.image_batch_size,
-                          done, save)
+            rows += sweep(
+                "image: digits 5-9, CNN pretrained on 0-4", task, FLAGS.image_epochs, FLAGS.image_batch_size, done, save
+            )
         save([])
     rows = with_untouched(rows)
     with open(FLAGS.out + ".md", "w") as f:

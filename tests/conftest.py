@@ -54,8 +54,13 @@ def tiny_bert(batch=4, seq=10, dropout=0.0, num_classes=3):
     import keras_hub
 
     backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=64, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32,
-        max_sequence_length=seq, dropout=dropout,
+        vocabulary_size=64,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=seq,
+        dropout=dropout,
     )
     model = keras_hub.models.BertTextClassifier(backbone, num_classes=num_classes, preprocessor=None, dropout=dropout)
     lengths = [seq, max(seq - 4, 1), 3, seq - 2, 5, seq, 4, 7][:batch] + [seq] * max(0, batch - 8)

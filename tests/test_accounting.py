@@ -13,7 +13,11 @@ def test_epsilon_matches_dp_accounting_directly():
     q, steps = 256 / 60000, int(15 * 60000 / 256)
     eps = dpk.compute_epsilon(1.1, q, steps, 1e-5)
     acc = rdp.RdpAccountant()
-    acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(1.1)), steps))
+    acc.compose(
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(1.1)), steps
+        )
+    )
     assert eps == pytest.approx(acc.get_epsilon(1e-5), rel=1e-12)
     assert eps == pytest.approx(1.281, abs=1e-3)
 

@@ -35,9 +35,15 @@ class NoisePerMicroBatch(dpk.DPOptimizer):
 
     def _clip_and_sum(self, grads, clip, mask, groups):
         sums, norms = clipping.clipped_sum(grads, clip, "abadi", mask)
-        noise = [tf.random.normal(s.shape, stddev=tf.cast(self._noise_multiplier.value, tf.float32) * clip / self.k) for s in sums]
+        noise = [
+            tf.random.normal(s.shape, stddev=tf.cast(self._noise_multiplier.value, tf.float32) * clip / self.k)
+            for s in sums
+        ]
         for _ in range(self.k - 1):
-            noise = [a + tf.random.normal(s.shape, stddev=tf.cast(self._noise_multiplier.value, tf.float32) * clip / self.k) for a, s in zip(noise, sums)]
+            noise = [
+                a + tf.random.normal(s.shape, stddev=tf.cast(self._noise_multiplier.value, tf.float32) * clip / self.k)
+                for a, s in zip(noise, sums)
+            ]
         return [s + tf.cast(e, s.dtype) for s, e in zip(sums, noise)], norms
 
     def _noise_stddev(self, sigma, clip):

@@ -19,12 +19,21 @@ def _run(*flags):
     return proc
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_writes_json_table_and_plot(tmp_path):
     out = tmp_path / "tiny.json"
     _run("--shape=tiny", "--repeats=1", "--warmup=1", f"--out={out}")
     report = json.loads(out.read_text())
     assert set(report) == {"shape", "device", "results", "ratios"}
-    assert [r["mode"] for r in report["results"]] == ["full", "bitfit", "dp_bitfit", "dp_bitfit_head", "dp_full", "lora", "dp_lora"]
+    assert [r["mode"] for r in report["results"]] == [
+        "full",
+        "bitfit",
+        "dp_bitfit",
+        "dp_bitfit_head",
+        "dp_full",
+        "lora",
+        "dp_lora",
+    ]
     by = {}
     for r in report["results"]:
         assert set(r) == RESULT_KEYS
@@ -32,17 +41,32 @@ def test_train_step_benchmark_writes_json_table_and_plot(tmp_path):
         by[r["mode"]] = r
     assert set(report["ratios"]) >= {"dp_bitfit/bitfit", "dp_bitfit/full", "dp_full/dp_bitfit"}
     # Trainable counts and XLA memory are exact, not timings: check what they must be.
-    assert by["dp_bitfit"]["trainable_params"] == by["bitfit"]["trainable_params"] < by["dp_bitfit_head"]["trainable_params"]
+    assert (
+        by["dp_bitfit"]["trainable_params"]
+        == by["bitfit"]["trainable_params"]
+        < by["dp_bitfit_head"]["trainable_params"]
+    )
     assert by["dp_full"]["trainable_params"] == by["full"]["trainable_params"]
-    assert by["dp_lora"]["trainable_params"] == by["lora"]["trainable_params"] < by["dp_bitfit_head"]["trainable_params"] + 2_000
+    assert (
+        by["dp_lora"]["trainable_params"]
+        == by["lora"]["trainable_params"]
+        < by["dp_bitfit_head"]["trainable_params"] + 2_000
+    )
     assert by["dp_full"]["peak_mem_mb"] > by["full"]["peak_mem_mb"] > by["bitfit"]["peak_mem_mb"]
     assert (tmp_path / "tiny.md").read_text().count("| dp_") == 4
     assert (tmp_path / "tiny.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_batch_sweep_finds_a_batch_under_the_cap(tmp_path):
     out = tmp_path / "batch.json"
-    _run("--shape=tiny", "--sweep=batch", "--modes=bitfit,dp_full,dp_full_vectorized", "--memory_cap_mb=96", f"--out={out}")
+    _run(
+        "--shape=tiny",
+        "--sweep=batch",
+        "--modes=bitfit,dp_full,dp_full_vectorized",
+        "--memory_cap_mb=96",
+        f"--out={out}",
+    )
     sweep = json.loads(out.read_text())
     by = {r["mode"]: r for r in sweep["results"]}
     for r in by.values():
@@ -67,7 +91,9 @@ def test_peer_modes_without_tf_keras_stop_before_any_step():
         "import train_step; from absl import app; sys.argv = ['train_step', '--shape=tiny', '--modes=dp_bitfit,tfp_legacy_full'];"
         "app.run(train_step.main)"
     )
-    proc = subprocess.run([sys.executable, "-c", code, os.path.dirname(BINARY)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, os.path.dirname(BINARY)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode != 0
     assert "uv run --extra legacy" in proc.stderr and "build + compile" not in proc.stderr
 
@@ -78,23 +104,37 @@ def _legacy_installed():
     return importlib.util.find_spec("tf_keras") is not None
 
 
-needs_tf_keras = pytest.mark.skipif(not _legacy_installed(), reason="the TF Privacy peer needs the `legacy` extra (tf_keras)")
+needs_tf_keras = pytest.mark.skipif(
+    not _legacy_installed(), reason="the TF Privacy peer needs the `legacy` extra (tf_keras)"
+)
 
 
 @needs_tf_keras
 def test_tf_privacy_peer_runs_in_the_same_report(tmp_path):
     out = tmp_path / "peer.json"
-    _run("--shape=tiny", "--repeats=1", "--warmup=2", f"--modes=full,bitfit,dp_bitfit,{','.join(LEGACY)}", f"--out={out}")
+    _run(
+        "--shape=tiny", "--repeats=1", "--warmup=2", f"--modes=full,bitfit,dp_bitfit,{','.join(LEGACY)}", f"--out={out}"
+    )
     report = json.loads(out.read_text())
     by = {r["mode"]: r for r in report["results"]}
     assert list(by) == ["full", "bitfit", "dp_bitfit", *LEGACY]
     for r in by.values():
         assert set(r) == RESULT_KEYS and r["ms_per_step"] > 0 and r["peak_mem_mb"] > 0
     # The same model in both Keras versions: same full and bias-only parameter counts.
-    assert by["tf_keras_full"]["trainable_params"] == by["tfp_legacy_full"]["trainable_params"] == by["full"]["trainable_params"]
-    assert by["tf_keras_bitfit"]["trainable_params"] == by["tfp_legacy_bitfit"]["trainable_params"] == by["bitfit"]["trainable_params"]
+    assert (
+        by["tf_keras_full"]["trainable_params"]
+        == by["tfp_legacy_full"]["trainable_params"]
+        == by["full"]["trainable_params"]
+    )
+    assert (
+        by["tf_keras_bitfit"]["trainable_params"]
+        == by["tfp_legacy_bitfit"]["trainable_params"]
+        == by["bitfit"]["trainable_params"]
+    )
     assert by["tfp_legacy_full"]["peak_mem_mb"] > by["tf_keras_full"]["peak_mem_mb"]
-    assert {"dp_bitfit/tfp_legacy_full", "dp_bitfit/tfp_legacy_bitfit", "mem dp_bitfit/tfp_legacy_full"} <= set(report["ratios"])
+    assert {"dp_bitfit/tfp_legacy_full", "dp_bitfit/tfp_legacy_bitfit", "mem dp_bitfit/tfp_legacy_full"} <= set(
+        report["ratios"]
+    )
     assert report["peer"]["tf_keras"].startswith("2.")
     assert "Peer modes: tf_keras" in (tmp_path / "peer.md").read_text()
 
@@ -111,12 +151,25 @@ def test_tf_privacy_peer_bitfit_moves_only_biases():
     assert result["total_params"] == 991_170  # the harness's tiny BERT
 
 
+@pytest.mark.slow
 def test_epoch_benchmark_writes_json_table_and_plot_and_re_renders(tmp_path):
     out = tmp_path / "epoch.json"
     binary = os.path.join(ROOT, "benchmarks", "epoch.py")
     modes = ["bitfit", "dp_bitfit_pad", "dp_bitfit_c4", "dp_bitfit_auto"]
-    proc = subprocess.run([sys.executable, binary, "--shape=tiny", "--examples=32", "--epochs=1", f"--modes={','.join(modes)}",
-                           f"--out={out}"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            binary,
+            "--shape=tiny",
+            "--examples=32",
+            "--epochs=1",
+            f"--modes={','.join(modes)}",
+            f"--out={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = {r["mode"]: r for r in report["rows"]}

@@ -8,9 +8,9 @@ import keras_hub
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import assert_gradients_close, tiny_bert
 
 import dp_bitfit_keras as dpk
-from conftest import assert_gradients_close, tiny_bert
 from dp_bitfit_keras import bookkeeping, gradients, selection
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
@@ -37,7 +37,9 @@ def _both(model, x, y, variables, sample_weight=None, clip=1.0, training=False, 
 
     @tf.function(jit_compile=True, autograph=False)
     def vectorized(x, y, sample_weight):
-        grads, _, _ = gradients.per_example_outputs(model, LOSS, x, y, variables, sample_weight, training=training, on_fallback="ignore")
+        grads, _, _ = gradients.per_example_outputs(
+            model, LOSS, x, y, variables, sample_weight, training=training, on_fallback="ignore"
+        )
         summed, _, norms = opt.clipped_sum(grads, variables, mask)
         return summed, norms
 
@@ -135,13 +137,18 @@ def test_exact_for_keras_hub_vit():
 
 def test_lora_factors_of_dense_and_einsum_dense():
     backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=64, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32, max_sequence_length=10,
+        vocabulary_size=64,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=10,
     )
     model = keras_hub.models.BertTextClassifier(backbone, num_classes=3, preprocessor=None)
     _, x, y = tiny_bert()
     model(x)
     backbone.enable_lora(2)
-    dense = model.get_layer("logits") if any(l.name == "logits" for l in model.layers) else None
+    dense = model.get_layer("logits") if any(layer.name == "logits" for layer in model.layers) else None
     for v in model.trainable_variables:  # LoRA's B starts at 0: move it so A's gradient is not 0
         if "lora_kernel_b" in v.path:
             v.assign(tf.random.normal(v.shape, stddev=0.3))
@@ -172,12 +179,16 @@ def test_unknown_variables_are_reported_once():
     variables = list(model.trainable_variables)
     opt = _optimizer(variables)
     bookkeeping._reported.clear()
-    fn = tf.function(lambda x, y: bookkeeping.clipped_sums(model, LOSS, x, y, variables, None, opt)[0], jit_compile=True)
+    fn = tf.function(
+        lambda x, y: bookkeeping.clipped_sums(model, LOSS, x, y, variables, None, opt)[0], jit_compile=True
+    )
     with pytest.warns(bookkeeping.BookkeepingFallbackWarning, match="conv1d_transpose"):
         fn(x, y)
     with warnings.catch_warnings():
         warnings.simplefilter("error", bookkeeping.BookkeepingFallbackWarning)
-        tf.function(lambda x, y: bookkeeping.clipped_sums(model, LOSS, x, y, variables, None, opt)[0], jit_compile=True)(x, y)
+        tf.function(
+            lambda x, y: bookkeeping.clipped_sums(model, LOSS, x, y, variables, None, opt)[0], jit_compile=True
+        )(x, y)
 
 
 _, _BERT_X, _BERT_Y = tiny_bert(batch=8, seq=10)  # one batch of data for every run
@@ -189,17 +200,26 @@ def _fit_bert(method, physical, **optimizer_kwargs):
     for w in model.weights:  # the same initial weights for every method
         w.assign(tf.random.stateless_normal(w.shape, [1, len(w.path)], stddev=0.1) if w.dtype == "float32" else w)
     dp = dpk.DPModel(model, trainable="all")
-    dp.compile(optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.5), 0.05, 0.0, seed=3, **optimizer_kwargs),
-               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), physical_batch_size=physical,
-               gradient_method=method)
+    dp.compile(
+        optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.5), 0.05, 0.0, seed=3, **optimizer_kwargs),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        physical_batch_size=physical,
+        gradient_method=method,
+    )
     x = {k: np.repeat(np.asarray(v), 4, axis=0) for k, v in x.items()}
     dp.fit(x, np.repeat(np.asarray(y), 4), batch_size=8, epochs=1, verbose=0)
     assert dp.uses_bookkeeping() == (method == "bookkeeping")
     return [w.numpy() for w in model.weights], dp.optimizer.dp_steps
 
 
-@pytest.mark.parametrize("physical,kwargs", [(None, {}), (4, {"gradient_accumulation_steps": 2}),
-                                             (None, {"target_unclipped_quantile": 0.5, "clipped_count_stddev": 1.0})])
+@pytest.mark.parametrize(
+    "physical,kwargs",
+    [
+        (None, {}),
+        (4, {"gradient_accumulation_steps": 2}),
+        (None, {"target_unclipped_quantile": 0.5, "clipped_count_stddev": 1.0}),
+    ],
+)
 def test_fit_gives_the_vectorized_update(physical, kwargs):
     """σ = 0, the same Poisson batches: book-keeping and vectorized_map end at the same weights,
     with chunked padded batches, gradient accumulation and adaptive clipping."""
@@ -213,7 +233,9 @@ def test_auto_uses_bookkeeping_beyond_biases():
     for trainable, expected in (("bias", False), ("all", True), ("bias+head", True)):
         model, _, _ = tiny_bert()
         dp = dpk.DPModel(model, trainable=trainable)
-        dp.compile(optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.1), 1.0, 1.0), loss="sparse_categorical_crossentropy")
+        dp.compile(
+            optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.1), 1.0, 1.0), loss="sparse_categorical_crossentropy"
+        )
         assert dp.uses_bookkeeping() == expected
     with pytest.raises(ValueError, match="gradient_method"):
         dp.compile(optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.1), 1.0, 1.0), loss="mse", gradient_method="ghost")
@@ -227,7 +249,10 @@ def test_dp_lora_trains_only_the_factors_and_head_and_exports_the_adapted_model(
     model = dpk.DPModel(base, trainable="lora+head")
     paths = {v.path for v in model.selection.variables}
     assert all("lora_kernel" in p or p.startswith("logits/") for p in paths)
-    model.compile(optimizer=dpk.DPOptimizer(keras.optimizers.Adam(0.05), 1.0, 0.5), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=dpk.DPOptimizer(keras.optimizers.Adam(0.05), 1.0, 0.5),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     assert model.uses_bookkeeping()
     x8 = {k: np.repeat(np.asarray(v), 4, axis=0) for k, v in x.items()}
     model.fit(x8, np.repeat(np.asarray(y), 4), batch_size=8, epochs=1, verbose=0)

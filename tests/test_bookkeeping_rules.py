@@ -6,9 +6,9 @@ import warnings
 import keras
 import pytest
 import tensorflow as tf
+from conftest import assert_gradients_close
 from test_bookkeeping import BATCH, LOSS, _both, _optimizer
 
-from conftest import assert_gradients_close
 from dp_bitfit_keras import bookkeeping
 from dp_bitfit_keras.bookkeeping import rules
 
@@ -61,8 +61,9 @@ def test_without_a_rule_the_fallback_warning_names_the_registration():
     bookkeeping._reported.clear()
     opt = _optimizer(variables)
     with pytest.warns(bookkeeping.BookkeepingFallbackWarning, match="register_layer_rule"):
-        tf.function(lambda x, y: bookkeeping.clipped_sums(model, LOSS, x, y, variables, None, opt)[0],
-                    jit_compile=True)(x, y)
+        tf.function(
+            lambda x, y: bookkeeping.clipped_sums(model, LOSS, x, y, variables, None, opt)[0], jit_compile=True
+        )(x, y)
 
 
 def test_a_registered_rule_is_exact_and_covers_the_layer():

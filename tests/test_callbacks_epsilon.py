@@ -24,8 +24,10 @@ def _model(accumulation=1):
     keras.utils.set_random_seed(0)
     base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     model = dpk.DPModel(base, trainable="all")
-    model.compile(optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.1), 1.0, 1.1, gradient_accumulation_steps=accumulation),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.1), 1.0, 1.1, gradient_accumulation_steps=accumulation),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     return model
 
 
@@ -56,8 +58,14 @@ def test_epsilon_curve_matches_composed_events():
 def test_tensorboard_logs_epsilon(tmp_path):
     model = _model()
     x, y = _data()
-    model.fit(x, y, batch_size=10, epochs=1, verbose=0,
-              callbacks=[dpk.PrivacyCallback(delta=1e-5), keras.callbacks.TensorBoard(str(tmp_path))])
+    model.fit(
+        x,
+        y,
+        batch_size=10,
+        epochs=1,
+        verbose=0,
+        callbacks=[dpk.PrivacyCallback(delta=1e-5), keras.callbacks.TensorBoard(str(tmp_path))],
+    )
     tags = set()
     for path in glob.glob(str(tmp_path / "train" / "events.out.tfevents.*")):
         for event in tf.compat.v1.train.summary_iterator(path):

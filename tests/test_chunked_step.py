@@ -5,10 +5,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import tiny_bert
 
 import dp_bitfit_keras as dpk
 from dp_bitfit_keras import model as dp_model
-from conftest import tiny_bert
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 CHUNK = 4
@@ -22,8 +22,12 @@ def _dense():
 def _train(build, data, physical_batch_size, trainable="all", sampling_rate=0.1, **optimizer_kwargs):
     base = build()
     model = dpk.DPModel(base, trainable=trainable)
-    model.compile(optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.3), 1.0, 0.0, seed=5, **optimizer_kwargs),
-                  loss=LOSS, metrics=["accuracy"], physical_batch_size=physical_batch_size)
+    model.compile(
+        optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.3), 1.0, 0.0, seed=5, **optimizer_kwargs),
+        loss=LOSS,
+        metrics=["accuracy"],
+        physical_batch_size=physical_batch_size,
+    )
     history = model.fit(data, sampling_rate=sampling_rate, epochs=2, verbose=0)
     return [w.numpy() for w in base.weights], history.history, model
 
@@ -74,11 +78,23 @@ def test_poisson_fit_with_accumulation_and_adaptive_clipping_matches_unchunked()
     for physical in (None, 2, "auto"):
         base = _dense()
         model = dpk.DPModel(base, trainable="all")
-        model.compile(optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.3), 1.0, 0.0, seed=5, gradient_accumulation_steps=2,
-                                                target_unclipped_quantile=0.5, clipped_count_stddev=1.0),
-                      loss=LOSS, physical_batch_size=physical)
+        model.compile(
+            optimizer=dpk.DPOptimizer(
+                keras.optimizers.SGD(0.3),
+                1.0,
+                0.0,
+                seed=5,
+                gradient_accumulation_steps=2,
+                target_unclipped_quantile=0.5,
+                clipped_count_stddev=1.0,
+            ),
+            loss=LOSS,
+            physical_batch_size=physical,
+        )
         model.fit(x, y, batch_size=24, epochs=1, verbose=0)
-        results.append(([w.numpy() for w in base.weights], model.optimizer.current_l2_norm_clip, model.optimizer.dp_steps))
+        results.append(
+            ([w.numpy() for w in base.weights], model.optimizer.current_l2_norm_clip, model.optimizer.dp_steps)
+        )
     for weights, clip, steps in results[1:]:
         assert steps == results[0][2] == 5
         assert clip == pytest.approx(results[0][1], rel=1e-6)
@@ -101,4 +117,6 @@ def test_automatic_chunk_size():
     # Full fine-tuning of 22.7M parameters: one chunk's per-example gradients stay under 1 GiB.
     assert dp_model.chunk_size_for(1024, 22_700_000) == 8
     with pytest.raises(ValueError, match="physical_batch_size"):
-        dpk.DPModel(_dense()).compile(optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.1), 1.0, 1.0), loss=LOSS, physical_batch_size=0)
+        dpk.DPModel(_dense()).compile(
+            optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.1), 1.0, 1.0), loss=LOSS, physical_batch_size=0
+        )

@@ -53,6 +53,8 @@ def test_offline_minilm_preset_loads_pretrained_bert(tmp_path):
     # Pretrained, not random: the two sentences about cars are closer than the unrelated one.
     model = text.bert_classifier(backbone, 2)
     pooled = __import__("keras").Model(model.inputs, model.get_layer("head_dropout").output)
-    emb = pooled.predict(text.tokenize(preprocessor, ["I love my car", "my car is great", "the stock market fell"]), verbose=0)
+    emb = pooled.predict(
+        text.tokenize(preprocessor, ["I love my car", "my car is great", "the stock market fell"]), verbose=0
+    )
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     assert emb[0] @ emb[1] > emb[0] @ emb[2]

@@ -16,6 +16,7 @@ def _run(*args):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_all_reduces_clipped_sums_and_noises_once():
     proc = _run(os.path.join(SCRIPTS, "mirrored.py"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -35,6 +36,7 @@ def test_mirrored_strategy_all_reduces_clipped_sums_and_noises_once():
         assert out[f"accumulate_{trainable}_max_error"] < 1e-6
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):
     script = os.path.join(SCRIPTS, "resume.py")
     killed = _run(script, str(tmp_path / "backup"), str(tmp_path / "killed.json"), "17")
@@ -66,14 +68,19 @@ def test_dp_lora_restored_by_backup_and_restore_keeps_learning(tmp_path):
 
     def model():
         keras.utils.set_random_seed(0)
-        base = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, name="hidden"), keras.layers.Dense(3, name="head")])
+        base = keras.Sequential(
+            [keras.Input((6,)), keras.layers.Dense(8, name="hidden"), keras.layers.Dense(3, name="head")]
+        )
         dpk.enable_lora(base, 2)
         m = dpk.DPModel(base, trainable="lora+head")
-        m.compile(optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.5), 1.0, 0.5, seed=1),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        m.compile(
+            optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.5), 1.0, 0.5, seed=1),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
         return m
 
     backup = keras.callbacks.BackupAndRestore(str(tmp_path), save_freq="epoch", delete_checkpoint=False)
+
     class Interrupt(keras.callbacks.Callback):  # as if killed after the first epoch's backup
         def on_epoch_end(self, epoch, logs=None):
             self.model.stop_training = True
@@ -84,8 +91,14 @@ def test_dp_lora_restored_by_backup_and_restore_keeps_learning(tmp_path):
     resumed = model()
     layer = resumed.model.get_layer("hidden")
     with pytest.warns(UserWarning, match="re-initialised A"):
-        resumed.fit(x, y, batch_size=16, epochs=2, verbose=0,
-                    callbacks=[keras.callbacks.BackupAndRestore(str(tmp_path), save_freq="epoch", delete_checkpoint=False)])
+        resumed.fit(
+            x,
+            y,
+            batch_size=16,
+            epochs=2,
+            verbose=0,
+            callbacks=[keras.callbacks.BackupAndRestore(str(tmp_path), save_freq="epoch", delete_checkpoint=False)],
+        )
     # Keras restored the merged kernel and zeroed both factors; revived, B has learned again.
     assert np.any(layer.lora_kernel_b.numpy() != 0)
     assert resumed.optimizer.dp_steps == 8
@@ -99,8 +112,9 @@ def test_dp_lora_model_saves_and_loads_with_its_lora_layers(tmp_path):
     from dpk_examples import text
 
     keras.utils.set_random_seed(0)
-    backbone = keras_hub.models.BertBackbone(vocabulary_size=30, num_layers=1, num_heads=2, hidden_dim=8,
-                                             intermediate_dim=16, max_sequence_length=8)
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=30, num_layers=1, num_heads=2, hidden_dim=8, intermediate_dim=16, max_sequence_length=8
+    )
     base = text.bert_classifier(backbone, 2)
     dpk.enable_lora(base, 2)  # keras-hub: not part of the backbone's config
     model = dpk.DPModel(base, trainable="lora+head")

@@ -12,7 +12,8 @@ import tensorflow as tf
 import dp_bitfit_keras as dpk
 
 MODULES = sorted(
-    info.name for info in pkgutil.walk_packages(dpk.__path__, prefix="dp_bitfit_keras.")
+    info.name
+    for info in pkgutil.walk_packages(dpk.__path__, prefix="dp_bitfit_keras.")
     if not info.name.rsplit(".", 1)[-1].startswith("_")
 )
 

@@ -29,7 +29,12 @@ def tiny_preset(tmp_path):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
     tokenizer = keras_hub.models.BertTokenizer(vocabulary=vocab, lowercase=True)
     backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=len(vocab), num_layers=1, num_heads=2, hidden_dim=16, intermediate_dim=32, max_sequence_length=32
+        vocabulary_size=len(vocab),
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=32,
     )
     path = str(tmp_path / "preset")
     backbone.save_to_preset(path)
@@ -60,18 +65,31 @@ def _run_example(name, argv, entry="run"):
             flags.FLAGS.unparse_flags()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dp_bitfit_head", "bitfit"])
 def test_text_example_trains_exports_and_serves(tiny_preset, tmp_path, method):
     export_dir = str(tmp_path / "savedmodel" / "1")
     with tfds.testing.mock_data(num_examples=40):
-        summary, model, preprocessor = _run_example("train_text_classifier", [
-            f"--preset={tiny_preset}", "--dataset=glue/sst2", f"--method={method}", "--batch_size=16",
-            "--sequence_length=16", "--max_examples=100", f"--export_dir={export_dir}", "--epsilon=5",
-            f"--summary_json={tmp_path / 'run.json'}",
-        ])
+        summary, model, preprocessor = _run_example(
+            "train_text_classifier",
+            [
+                f"--preset={tiny_preset}",
+                "--dataset=glue/sst2",
+                f"--method={method}",
+                "--batch_size=16",
+                "--sequence_length=16",
+                "--max_examples=100",
+                f"--export_dir={export_dir}",
+                "--epsilon=5",
+                f"--summary_json={tmp_path / 'run.json'}",
+            ],
+        )
     assert summary["export_dir"] == export_dir and summary["steps"] > 0
     # The text study's choice for the private default: a linearly decaying rate; Adam throughout.
-    assert (summary["lr_schedule"], summary["optimizer"]) == ("linear" if method == "dp_bitfit_head" else "constant", "adam")
+    assert (summary["lr_schedule"], summary["optimizer"]) == (
+        "linear" if method == "dp_bitfit_head" else "constant",
+        "adam",
+    )
     assert json.load(open(tmp_path / "run.json"))["wall_s"] > 0
     row = open(tmp_path / "run.md").read().splitlines()[-1]
     assert row.startswith(f"| {method} | 80/10/10 |") and f"{100 * summary['test_accuracy']:.1f}" in row
@@ -82,14 +100,19 @@ def test_text_example_trains_exports_and_serves(tiny_preset, tmp_path, method):
     # A fresh process, as a server would load it: raw strings in, probabilities out.
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "examples", "predict.py"), f"--model_dir={export_dir}", "--json", *texts],
-        capture_output=True, text=True, check=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
     )
     served = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert [s["text"] for s in served] == texts
     np.testing.assert_allclose([s["probabilities"] for s in served], expected, rtol=1e-4, atol=1e-6)
     cli = subprocess.run(
         [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "show", "--dir", export_dir, "--all"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "signature_def['serving_default']" in cli.stdout and "DT_STRING" in cli.stdout
     # The tokens-only model beside it: a fresh process that never imports tensorflow_text.
@@ -104,8 +127,12 @@ def test_text_example_trains_exports_and_serves(tiny_preset, tmp_path, method):
         "assert 'tensorflow_text' not in sys.modules and 'keras_hub' not in sys.modules, sorted(sys.modules);"
         "print(json.dumps(out['logits'].numpy().tolist()))"
     )
-    out = subprocess.run([sys.executable, "-c", code, tokens_dir, str(tmp_path / "tokens.npz")],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, tokens_dir, str(tmp_path / "tokens.npz")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     logits = np.array(json.loads(out.stdout.strip().splitlines()[-1]))
     np.testing.assert_allclose(logits, model.predict(features, verbose=0), rtol=1e-5, atol=1e-6)
     vocab = open(os.path.join(tokens_dir, "assets", "vocab.txt")).read().split("\n")
@@ -115,9 +142,23 @@ def test_text_example_trains_exports_and_serves(tiny_preset, tmp_path, method):
     length = int(features["padding_mask"][0].sum())  # unpadded: any length up to the model's maximum
     exprs = ";".join(f"{k}={features[k][:1, :length].tolist()}" for k in features)
     cli = subprocess.run(
-        [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "run", "--dir", tokens_dir, "--tag_set", "serve",
-         "--signature_def", "serving_default", "--input_exprs", exprs],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "tensorflow.python.tools.saved_model_cli",
+            "run",
+            "--dir",
+            tokens_dir,
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            "serving_default",
+            "--input_exprs",
+            exprs,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "class_id" in cli.stdout and "probabilities" in cli.stdout
     printed = cli.stdout.split("Result for output key logits:")[1].split("Result")[0]
@@ -139,11 +180,18 @@ def _serve_images(export_dir, images):
     return np.array(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+@pytest.mark.slow
 def test_image_example_offline_digits_transfer(tmp_path):
     export_dir = str(tmp_path / "digits" / "1")
-    summary, model = _run_example("train_image_classifier", [
-        "--pretrain_epochs=2", "--epochs=1", f"--export_dir={export_dir}", "--epsilon=3",
-    ])
+    summary, model = _run_example(
+        "train_image_classifier",
+        [
+            "--pretrain_epochs=2",
+            "--epochs=1",
+            f"--export_dir={export_dir}",
+            "--epsilon=3",
+        ],
+    )
     assert summary["method"] == "dp_full" and 0 < summary["epsilon"] <= 3.0 + 1e-6  # the digits default (study)
     assert (summary["optimizer"], summary["learning_rate"]) == ("sgd", 0.05)  # and its optimizer and rate at ε <= 3
     # Another optimizer with the default rate (meant for SGD) is refused before any work.
@@ -152,7 +200,9 @@ def test_image_example_offline_digits_transfer(tmp_path):
     from dpk_examples import datasets
 
     images = datasets.digits()[0][:5]
-    np.testing.assert_allclose(_serve_images(export_dir, images), model.predict(images, verbose=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        _serve_images(export_dir, images), model.predict(images, verbose=0), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_image_example_hub_path_with_local_vit_preset(tmp_path):
@@ -163,14 +213,23 @@ def test_image_example_hub_path_with_local_vit_preset(tmp_path):
     keras_hub.models.ViTImageClassifier(backbone, num_classes=3, preprocessor=None).save_to_preset(preset)
     export_dir = str(tmp_path / "cifar" / "1")
     with tfds.testing.mock_data(num_examples=20):
-        summary, model = _run_example("train_image_classifier", [
-            f"--preset={preset}", "--dataset=cifar10", "--image_size=32", "--epochs=1", "--batch_size=8",
-            f"--export_dir={export_dir}", "--method=dp_bitfit",
-        ])
+        summary, model = _run_example(
+            "train_image_classifier",
+            [
+                f"--preset={preset}",
+                "--dataset=cifar10",
+                "--image_size=32",
+                "--epochs=1",
+                "--batch_size=8",
+                f"--export_dir={export_dir}",
+                "--method=dp_bitfit",
+            ],
+        )
     assert summary["steps"] > 0 and summary["trainable_fraction"] < 0.2
     assert model.output_shape[-1] == 10
 
 
+@pytest.mark.slow
 def test_utility_sweep_writes_table_json_and_plot_and_resumes(tmp_path, monkeypatch):
     from dpk_examples import tasks
 
@@ -189,7 +248,10 @@ def test_utility_sweep_writes_table_json_and_plot_and_resumes(tmp_path, monkeypa
     assert json.load(open(out + ".json"))["results"] == results
     # Repeats: private runs only (a non-private run has no noise to vary).
     assert [(r["method"], r["target_epsilon"]) for r in results] == [
-        ("bitfit_head", float("inf")), ("dp_bitfit_head", 8.0), ("dp_bitfit_head", 8.0)]
+        ("bitfit_head", float("inf")),
+        ("dp_bitfit_head", 8.0),
+        ("dp_bitfit_head", 8.0),
+    ]
     assert results[:2] == first and results[2]["repeat"] == 1
     assert all(r["epsilon"] <= 8.0 + 1e-6 for r in results[1:])
     table = open(out + ".md").read()
@@ -231,8 +293,9 @@ def test_recipes_accumulate_micro_batches_into_logical_steps(method):
     x = rng.randn(160, 4).astype("float32")
     data = (x, (x[:, 0] > 0).astype("int32"))
     build = lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.Dense(2)])  # noqa: E731
-    result = recipes.train(method, build, data, data, data, epsilon=4.0, batch_size=16,
-                           gradient_accumulation_steps=2, verbose=0)
+    result = recipes.train(
+        method, build, data, data, data, epsilon=4.0, batch_size=16, gradient_accumulation_steps=2, verbose=0
+    )
     phases = 2 if method == "sparta" else 1  # SPARTA: a selection epoch, then a training epoch
     assert result.steps == 10 * phases and result.epsilon <= 4.0 + 1e-6
     assert result.ms_per_step > 0
@@ -250,7 +313,9 @@ def test_step_timer_sums_the_micro_batches_of_a_step():
     assert len(timer.times) == 3 and timer._pending == []
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tf_keras") is None, reason="the TF Privacy peer needs the `legacy` extra (tf_keras)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("tf_keras") is None, reason="the TF Privacy peer needs the `legacy` extra (tf_keras)"
+)
 @pytest.mark.parametrize("method", ["tfp_legacy_bitfit", "tfp_legacy_full"])
 def test_utility_sweep_peer_starts_from_our_model_and_is_accounted(tiny_preset, tmp_path, method):
     from dpk_examples import tasks
@@ -285,8 +350,19 @@ def test_recipes_linear_schedule_decays_to_zero_over_the_run(method, optimizer):
     rng = np.random.default_rng(0)
     data = (rng.normal(size=(64, 3)).astype("float32"), rng.integers(0, 2, 64).astype("int32"))
     build = lambda: keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(2, name="logits")])  # noqa: E731
-    result = recipes.train(method, build, data, data, data, epochs=3, batch_size=16, learning_rate=0.1,
-                           lr_schedule="linear", optimizer=optimizer, verbose=0)
+    result = recipes.train(
+        method,
+        build,
+        data,
+        data,
+        data,
+        epochs=3,
+        batch_size=16,
+        learning_rate=0.1,
+        lr_schedule="linear",
+        optimizer=optimizer,
+        verbose=0,
+    )
     trained = result.model.optimizer
     inner = trained.inner_optimizer if method.startswith("dp_") else trained
     assert isinstance(inner, keras.optimizers.SGD if optimizer == "sgd" else keras.optimizers.Adam)
@@ -322,9 +398,21 @@ def test_recipes_ema_ends_with_the_moving_average_of_the_iterates(method, optimi
             iterates.append([w.copy() for w in model.get_weights()])
 
     m = 0.8
-    result = recipes.train(method, build, data, data, data, epochs=2, batch_size=16, learning_rate=0.1,
-                           optimizer=optimizer, ema_momentum=m, noise_seed=0 if method.startswith("dp_") else None,
-                           callbacks=[Snapshot()], verbose=0)
+    result = recipes.train(
+        method,
+        build,
+        data,
+        data,
+        data,
+        epochs=2,
+        batch_size=16,
+        learning_rate=0.1,
+        optimizer=optimizer,
+        ema_momentum=m,
+        noise_seed=0 if method.startswith("dp_") else None,
+        callbacks=[Snapshot()],
+        verbose=0,
+    )
     assert len(iterates) == 8
     average = iterates[0]  # Keras' EMA starts at the first step's weights
     for weights in iterates[1:]:
@@ -359,8 +447,18 @@ def test_recipes_noise_multiplier_replaces_the_epsilon_target():
 
 
 def test_binaries_own_the_shared_flags():
-    shared = {"epsilon", "delta", "l2_norm_clip", "clipping", "head_init", "lr_schedule", "optimizer", "export_dir",
-              "seed", "noise_seed"}
+    shared = {
+        "epsilon",
+        "delta",
+        "l2_norm_clip",
+        "clipping",
+        "head_init",
+        "lr_schedule",
+        "optimizer",
+        "export_dir",
+        "seed",
+        "noise_seed",
+    }
     for name in ("train_text_classifier", "train_image_classifier", "train_text_classifier"):  # again: redefinable
         with _example(name) as module:
             own = {f.name for f in flags.FLAGS.get_key_flags_for_module(module)}
@@ -379,6 +477,7 @@ def test_recipes_zero_head_starts_the_head_at_zero():
         recipes.train("dp_full", lambda: model, data, data, data, head_init="xavier")
 
 
+@pytest.mark.slow
 def test_accuracy_study_searches_resumes_and_reports(tmp_path, monkeypatch):
     from dpk_examples import tasks
 
@@ -389,13 +488,24 @@ def test_accuracy_study_searches_resumes_and_reports(tmp_path, monkeypatch):
         # A two-stage plan of one-epoch digits runs: the search, the non-private search on the
         # private winner's data, the ε runs, the report.
         monkeypatch.setitem(study.BASE, "image", dict(study.BASE["image"], epochs=1))
-        monkeypatch.setitem(study.PRIVATE_PLAN, "image", [("learning rate", [{}, {"lr_scale": 2.0}]),
-                                                          ("head init", [{}, {"head_init": "zeros"}])])
-        monkeypatch.setitem(study.NONPRIVATE_PLAN, "image", [("method", [{"method": "bitfit_head", "learning_rate": 2e-2}])])
+        monkeypatch.setitem(
+            study.PRIVATE_PLAN,
+            "image",
+            [("learning rate", [{}, {"lr_scale": 2.0}]), ("head init", [{}, {"head_init": "zeros"}])],
+        )
+        monkeypatch.setitem(
+            study.NONPRIVATE_PLAN, "image", [("method", [{"method": "bitfit_head", "learning_rate": 2e-2}])]
+        )
         monkeypatch.setitem(study.LOW_EPSILON_PLAN, "image", [("learning rate at ε=3", [{}, {"lr_scale": 0.5}])])
         monkeypatch.setitem(study.NOISE_FLOOR_PLAN, "image", [{}])
-        argv = [study.__file__, "--tasks=image", f"--out={out}", "--image_repeats=1", "--epsilons=3,8",
-                "--phases=private,nonprivate,epsilons,low_epsilon,noise_floor"]
+        argv = [
+            study.__file__,
+            "--tasks=image",
+            f"--out={out}",
+            "--image_repeats=1",
+            "--epsilons=3,8",
+            "--phases=private,nonprivate,epsilons,low_epsilon,noise_floor",
+        ]
         flags.FLAGS.unparse_flags()
         flags.FLAGS(argv)
         try:
@@ -422,8 +532,9 @@ def test_accuracy_study_searches_resumes_and_reports(tmp_path, monkeypatch):
     assert "| private ε=3 | learning rate at ε=3 |" in report
     assert "Noise floor" in report and "| as chosen |" in report
     low = json.load(open(out + ".json"))["image"]["low_epsilon_best"]
-    assert low["epsilon"] == 3.0 and (low == dict(json.load(open(out + ".json"))["image"]["private_best"], epsilon=3.0)
-                                      or "re-tuned at ε=3" in report)
+    assert low["epsilon"] == 3.0 and (
+        low == dict(json.load(open(out + ".json"))["image"]["private_best"], epsilon=3.0) or "re-tuned at ε=3" in report
+    )
     summary = json.load(open(out + ".json"))["image"]
     chosen = summary["private_best"]
     scores = {}

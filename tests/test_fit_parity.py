@@ -38,7 +38,7 @@ def test_class_weight_is_the_matching_sample_weight():
     by_class, _ = _fit_weights(class_weight=class_weight)
     by_example, _ = _fit_weights(sample_weight=np.array([class_weight[int(c)] for c in y], np.float32))
     unweighted, _ = _fit_weights()
-    for a, b, c in zip(by_class, by_example, unweighted):
+    for a, b in zip(by_class, by_example):
         np.testing.assert_array_equal(a, b)
     assert any(not np.array_equal(a, c) for a, c in zip(by_class, unweighted))
 
@@ -68,10 +68,13 @@ def test_initial_epoch_plans_the_remaining_epochs():
     assert model.optimizer.dp_steps == 2 * 6
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(class_weight={0: 1.0}), "sample weights come from the dataset"),
-    (dict(validation_split=0.2), "validation_split needs arrays"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(class_weight={0: 1.0}), "sample weights come from the dataset"),
+        (dict(validation_split=0.2), "validation_split needs arrays"),
+    ],
+)
 def test_unsupported_on_datasets_raise_before_any_step(kwargs, match):
     model = _model()
     x, y = _data()
@@ -83,11 +86,14 @@ def test_unsupported_on_datasets_raise_before_any_step(kwargs, match):
         np.testing.assert_array_equal(a, b.numpy())
 
 
-@pytest.mark.parametrize("weights, match", [
-    (-np.ones(120, np.float32), "must be >= 0"),
-    (np.ones((119,), np.float32), r"\[n\] or per token"),
-    (np.full(120, np.nan, np.float32), "sample_weight"),
-])
+@pytest.mark.parametrize(
+    "weights, match",
+    [
+        (-np.ones(120, np.float32), "must be >= 0"),
+        (np.ones((119,), np.float32), r"\[n\] or per token"),
+        (np.full(120, np.nan, np.float32), "sample_weight"),
+    ],
+)
 def test_bad_sample_weights_are_refused(weights, match):
     model = _model()
     x, y = _data()
@@ -96,6 +102,7 @@ def test_bad_sample_weights_are_refused(weights, match):
 
 
 # --- Per-token weights: the sequence is the privacy unit ---------------------------------------
+
 
 def _sequence_model(vocab=11, seq=6):
     keras.utils.set_random_seed(3)
@@ -140,8 +147,9 @@ def test_per_token_weights_bookkeeping_path_is_exact():
     variables = model.trainable_variables
     optimizer = dpk.DPOptimizer(keras.optimizers.SGD(1.0), 1e6, 0.0)
     optimizer.build(variables)
-    summed, _, losses, _ = bookkeeping.clipped_sums(model, LOSS_TOKENS, tf.constant(x), tf.constant(y), variables,
-                                                    tf.constant(w), optimizer)
+    summed, _, losses, _ = bookkeeping.clipped_sums(
+        model, LOSS_TOKENS, tf.constant(x), tf.constant(y), variables, tf.constant(w), optimizer
+    )
     expected = [tf.reduce_sum(g, axis=0) for g in _reference(model, x, y, w, variables)]
     assert_gradients_close([s[None] for s in summed], [e[None] for e in expected])
     assert float(losses[3]) == 0.0

@@ -3,8 +3,8 @@ import keras_hub
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import assert_gradients_close, brute_force_gradients, tiny_bert
+
 from dp_bitfit_keras import gradients, selection
 from dp_bitfit_keras.gradients import per_example_gradients
 

@@ -71,12 +71,16 @@ def test_label_outside_the_classes_raises_with_the_row(label):
 def test_one_hot_labels_must_have_the_output_width():
     base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     model = dpk.DPModel(base, trainable="bias")
-    model.compile(optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.1), 1.0, 1.0),
-                  loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.1), 1.0, 1.0),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+    )
     x, _ = _data()
     with pytest.raises(ValueError, match="one-hot labels of width 4 but the model has 3"):
         model.fit(x, np.eye(4, dtype="float32")[np.arange(40) % 4], batch_size=8, verbose=0)
-    model.fit(x, np.eye(3, dtype="float32")[np.arange(40) % 3], batch_size=8, verbose=0, epochs=1)  # the right width trains
+    model.fit(
+        x, np.eye(3, dtype="float32")[np.arange(40) % 3], batch_size=8, verbose=0, epochs=1
+    )  # the right width trains
 
 
 def test_binary_and_regression_labels():

@@ -24,7 +24,9 @@ def _dp_accounting_epsilon(runs, accountant="rdp"):
 def test_epsilon_of_segments_is_dp_accountings_composition(accountant):
     runs = [(1.1, 0.01, 300), (0.9, 0.05, 40), (2.0, 0.002, 1000)]
     segments = [ledger.Segment(s, q, n) for s, q, n in runs]
-    assert ledger.epsilon(segments, DELTA, accountant) == pytest.approx(_dp_accounting_epsilon(runs, accountant), rel=1e-9)
+    assert ledger.epsilon(segments, DELTA, accountant) == pytest.approx(
+        _dp_accounting_epsilon(runs, accountant), rel=1e-9
+    )
 
 
 def test_epsilon_curve_after_closed_segments():
@@ -51,8 +53,10 @@ def _model(sigma=1.1):
     keras.utils.set_random_seed(0)
     base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     model = dpk.DPModel(base, trainable="all")
-    model.compile(optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.1), 1.0, sigma),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.1), 1.0, sigma),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     return model
 
 
@@ -75,11 +79,15 @@ def test_second_fit_at_another_batch_size_composes(tmp_path):
     opt = model.optimizer
     assert [(s.noise_multiplier, s.steps) for s in opt.segments] == [(1.1, 10), (1.1, 4)]
     assert [s.sampling_rate for s in opt.segments] == pytest.approx([0.1, 0.25])
-    expected = _dp_accounting_epsilon([(1.1, opt.segments[0].sampling_rate, 10), (1.1, opt.segments[1].sampling_rate, 4)])
+    expected = _dp_accounting_epsilon(
+        [(1.1, opt.segments[0].sampling_rate, 10), (1.1, opt.segments[1].sampling_rate, 4)]
+    )
     assert model.privacy_spent(DELTA)[0] == pytest.approx(expected, rel=1e-9)
     # The progress bar's cheap per-batch figure follows the composed ledger.
-    firsts = [_dp_accounting_epsilon([(1.1, opt.segments[0].sampling_rate, 10), (1.1, opt.segments[1].sampling_rate, k)])
-              for k in range(1, 5)]
+    firsts = [
+        _dp_accounting_epsilon([(1.1, opt.segments[0].sampling_rate, 10), (1.1, opt.segments[1].sampling_rate, k)])
+        for k in range(1, 5)
+    ]
     assert seen == pytest.approx(firsts, rel=1e-9)
     # A third fit at the first rate opens a third segment (not merged into the first).
     model.fit(x, y, batch_size=10, epochs=1, verbose=0)

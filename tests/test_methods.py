@@ -67,7 +67,12 @@ def test_dpzero_noise_std_is_sigma_c_over_b():
     base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     model = _dpzero(base, clip=2.0, sigma=1.5, expected=10.0)
     zero = np.zeros(10, "float32")  # all examples weight 0: the released scalar is the noise alone
-    draws = [model.train_on_batch(np.ones((10, 4), "float32"), np.zeros(10), sample_weight=zero, return_dict=True)["projected_grad"] for _ in range(600)]
+    draws = [
+        model.train_on_batch(np.ones((10, 4), "float32"), np.zeros(10), sample_weight=zero, return_dict=True)[
+            "projected_grad"
+        ]
+        for _ in range(600)
+    ]
     assert np.std(draws) == pytest.approx(1.5 * 2.0 / 10.0, rel=0.1)
 
 
@@ -83,7 +88,11 @@ def test_dpzero_fit_is_accounted_like_dp_sgd():
 
 def test_row_selection_has_the_requested_density():
     rng = np.random.RandomState(0)
-    scores = [rng.randn(40, 10).astype("float32"), rng.randn(10, 20).astype("float32"), rng.randn(2, 3, 5).astype("float32")]
+    scores = [
+        rng.randn(40, 10).astype("float32"),
+        rng.randn(10, 20).astype("float32"),
+        rng.randn(2, 3, 5).astype("float32"),
+    ]
     axes = [(1,), (1,), (1, 2)]  # output units: columns of a Dense kernel; two axes of an EinsumDense one
     masks = sparta_module.select_rows(scores, 0.2, axes)
     total = sum(s.size for s in scores)
@@ -95,7 +104,9 @@ def test_row_selection_has_the_requested_density():
     # The kept rows are the highest-scoring ones (scores pooled by sum over a row's entries).
     pooled = np.concatenate([np.moveaxis(s, 0, -1).reshape(-1, s.shape[0]).sum(1) for s in scores])
     kept_rows = np.concatenate([v[:, 0] > 0 for v in views])
-    assert np.allclose(pooled, np.concatenate([sparta_module.row_scores(s, a) for s, a in zip(scores, axes)]), atol=1e-5)
+    assert np.allclose(
+        pooled, np.concatenate([sparta_module.row_scores(s, a) for s, a in zip(scores, axes)]), atol=1e-5
+    )
     assert pooled[kept_rows].min() >= pooled[~kept_rows].max()
 
 
@@ -111,8 +122,20 @@ def test_rows_are_output_units():
 
 
 def _sparta_zero_noise(base, x, y, variant):
-    return dpk.methods.sparta(base, x, y, loss=keras.losses.MeanSquaredError(reduction=None), density=0.5, batch_size=32,
-                              l2_norm_clip=1e3, noise_multiplier=0.0, seed=0, variant=variant, train_head=False, verbose=0)
+    return dpk.methods.sparta(
+        base,
+        x,
+        y,
+        loss=keras.losses.MeanSquaredError(reduction=None),
+        density=0.5,
+        batch_size=32,
+        l2_norm_clip=1e3,
+        noise_multiplier=0.0,
+        seed=0,
+        variant=variant,
+        train_head=False,
+        verbose=0,
+    )
 
 
 def test_sparta_published_statistic_keeps_large_cancelling_gradients():
@@ -148,8 +171,18 @@ def test_sparta_trains_only_masked_entries_and_accounts_both_phases(train_head):
     x = rng.randn(200, 6).astype("float32")
     y = (x[:, 0] > 0).astype("int32")
     initial = {w.path: w.numpy().copy() for w in base.weights}
-    result = dpk.methods.sparta(base, x, y, loss=LOSS, density=0.25, batch_size=20, noise_multiplier=1.0, seed=0,
-                                train_head=train_head, verbose=0)
+    result = dpk.methods.sparta(
+        base,
+        x,
+        y,
+        loss=LOSS,
+        density=0.25,
+        batch_size=20,
+        noise_multiplier=1.0,
+        seed=0,
+        train_head=train_head,
+        verbose=0,
+    )
     head = base.layers[-1]
     # Candidates: both kernels (rows of 6 and of 16 entries), or the first alone (the head is
     # trained whole, outside the selection).
@@ -169,7 +202,9 @@ def test_sparta_trains_only_masked_entries_and_accounts_both_phases(train_head):
             assert not (changed & (mask == 0)).any()  # nothing outside the mask moved
             if mask.any():  # (a global Top-k may keep no row of a kernel)
                 assert changed[mask > 0].mean() > 0.99  # and the kept entries did
-    event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.0)), 20)
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.0)), 20
+    )
     accountant = dp_accounting.rdp.RdpAccountant()
     accountant.compose(event)
     assert result.epsilon == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
@@ -185,10 +220,20 @@ def test_sparta_with_gradient_accumulation_is_the_same_run():
     for k in (1, 3):
         keras.utils.set_random_seed(5)
         base = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(3)])
-        results.append(dpk.methods.sparta(
-            base, x, y, loss=LOSS, density=0.3, batch_size=12, noise_multiplier=1.0, seed=3, verbose=0,
-            gradient_accumulation_steps=k,
-        ))
+        results.append(
+            dpk.methods.sparta(
+                base,
+                x,
+                y,
+                loss=LOSS,
+                density=0.3,
+                batch_size=12,
+                noise_multiplier=1.0,
+                seed=3,
+                verbose=0,
+                gradient_accumulation_steps=k,
+            )
+        )
         results[-1].weights = [w.numpy() for w in base.weights]
     one, accumulated = results
     assert accumulated.selection_steps == one.selection_steps == 10 and accumulated.steps == one.steps == 20

@@ -2,9 +2,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import brute_force_gradients, tiny_bert
 
 import dp_bitfit_keras as dpk
-from conftest import brute_force_gradients, tiny_bert
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 PER_EXAMPLE = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
@@ -17,8 +17,12 @@ def _one_batch_dataset(x, y, mask=None):
 
 def _compile(model, lr=0.1, clip=0.05, sigma=0.0, clipping="abadi", **kwargs):
     model.compile(
-        optimizer=dpk.DPOptimizer(keras.optimizers.SGD(lr), l2_norm_clip=clip, noise_multiplier=sigma, clipping=clipping, seed=0),
-        loss=LOSS, metrics=["accuracy"], **kwargs,
+        optimizer=dpk.DPOptimizer(
+            keras.optimizers.SGD(lr), l2_norm_clip=clip, noise_multiplier=sigma, clipping=clipping, seed=0
+        ),
+        loss=LOSS,
+        metrics=["accuracy"],
+        **kwargs,
     )
 
 
@@ -60,7 +64,7 @@ def test_bitfit_fit_changes_only_biases_and_ignores_padding_rows():
     assert any(not np.array_equal(v.numpy(), b) for v, b in biases)
 
     # Same step again from the same start, with garbage in the padding rows: same update.
-    for (v, b) in biases:
+    for v, b in biases:
         v.assign(b)
     garbage = dict(x)
     garbage["token_ids"] = tf.concat([x["token_ids"][:4], tf.fill((2, 10), 7)], axis=0)
@@ -91,7 +95,9 @@ def test_target_epsilon_calibrates_sigma_at_fit():
     n = 200
     x, y = np.random.randn(n, 4).astype("float32"), np.zeros(n, "int32")
     model = dpk.DPModel(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]), trainable="all")
-    model.compile(optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.1), 1.0, target_epsilon=2.0, target_delta=1e-4), loss=LOSS)
+    model.compile(
+        optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.1), 1.0, target_epsilon=2.0, target_delta=1e-4), loss=LOSS
+    )
     model.fit(x, y, batch_size=20, epochs=3, verbose=0)
     sigma = model.optimizer.noise_multiplier
     assert sigma == pytest.approx(dpk.noise_multiplier_for_epsilon(2.0, 0.1, 30, 1e-4), rel=1e-6)
@@ -127,7 +133,9 @@ def test_save_load_continue_keeps_steps_and_epsilon(tmp_path):
     assert loaded.privacy_spent(1e-5)[0] == pytest.approx(eps)
     index = {id(v): i for i, v in enumerate(model.weights)}
     loaded_index = {id(v): i for i, v in enumerate(loaded.weights)}
-    assert [loaded_index[id(v)] for v in loaded.trainable_variables] == [index[id(v)] for v in model.trainable_variables]
+    assert [loaded_index[id(v)] for v in loaded.trainable_variables] == [
+        index[id(v)] for v in model.trainable_variables
+    ]
     for a, b in zip(loaded.weights, model.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     loaded.fit(x, y, batch_size=16, epochs=1, verbose=0)
@@ -201,11 +209,15 @@ def test_bad_inputs_fail_before_the_first_step():
     with pytest.raises(ValueError, match="one value per example"):
         model.fit(x, y, batch_size=10, verbose=0)
     # Unreachable privacy target.
-    model.compile(optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.1), 1.0, target_epsilon=1e-6, target_delta=1e-9), loss=LOSS)
+    model.compile(
+        optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.1), 1.0, target_epsilon=1e-6, target_delta=1e-9), loss=LOSS
+    )
     with pytest.raises(ValueError, match="unreachable"):
         model.fit(x, y, batch_size=50, epochs=1000, verbose=0)
     # δ ≥ 1/n is no privacy worth the name.
-    model.compile(optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.1), 1.0, target_epsilon=5.0, target_delta=0.05), loss=LOSS)
+    model.compile(
+        optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.1), 1.0, target_epsilon=5.0, target_delta=0.05), loss=LOSS
+    )
     with pytest.warns(UserWarning, match="1/n"):
         model.fit(x, y, batch_size=10, verbose=0)
 
@@ -234,8 +246,10 @@ def test_metrics_ignore_padding_rows():
     base, x, y = tiny_bert(batch=6)
     model = dpk.DPModel(base, trainable="bias")
     model.compile(
-        optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.0), 1.0, 1.0), loss=LOSS,
-        metrics=["accuracy"], weighted_metrics=["accuracy"],
+        optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.0), 1.0, 1.0),
+        loss=LOSS,
+        metrics=["accuracy"],
+        weighted_metrics=["accuracy"],
     )
     mask = tf.constant([1, 1, 1, 0, 0, 0], tf.float32)
     predicted = np.argmax(base.predict(x, verbose=0), axis=-1)

@@ -32,7 +32,9 @@ def _free_ports(n):
 def _start(index, ports, out, *args):
     return subprocess.Popen(
         [sys.executable, SCRIPT, str(index), ports, str(out), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -63,12 +65,29 @@ def _max_error(a, b):
 def test_two_workers_train_as_one_process_and_resume_after_a_killed_worker(tmp_path):
     # σ > 0 with an explicit seed (so runs can be compared), accumulation 2, every weight
     # trained (book-keeping): 4 epochs of 6 Poisson batches.
-    common = ["--sigma", "1.0", "--seed", "5", "--accumulation", "2", "--trainable", "all", "--epochs", "4",
-              "--heartbeat_timeout", "10"]
-    single = subprocess.Popen([sys.executable, SCRIPT, "0", "-", str(tmp_path / "single.json"), *common],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    straight = _cluster(tmp_path, "straight", *common, "--backup", str(tmp_path / "backup_straight"),
-                        "--mismatched_seeds_first")
+    common = [
+        "--sigma",
+        "1.0",
+        "--seed",
+        "5",
+        "--accumulation",
+        "2",
+        "--trainable",
+        "all",
+        "--epochs",
+        "4",
+        "--heartbeat_timeout",
+        "10",
+    ]
+    single = subprocess.Popen(
+        [sys.executable, SCRIPT, "0", "-", str(tmp_path / "single.json"), *common],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    straight = _cluster(
+        tmp_path, "straight", *common, "--backup", str(tmp_path / "backup_straight"), "--mismatched_seeds_first"
+    )
     log, _ = single.communicate(timeout=LIMIT_S)
     assert single.returncode == 0, log[-3000:]
     reference = json.loads((tmp_path / "single.json").read_text())
@@ -115,10 +134,20 @@ def test_launcher_example_two_local_workers_agree_on_secret_keys(tmp_path):
     example = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "multi_worker.py")
     summary = tmp_path / "summary.json"
     proc = subprocess.run(
-        [sys.executable, example, "--local_workers=2", "--epochs=2", "--batch_size=128", "--method=dp_full",
-         "--pretrain_epochs=2",
-         f"--summary_json={summary}", f"--export_dir={tmp_path / 'export'}"],
-        capture_output=True, text=True, timeout=LIMIT_S,
+        [
+            sys.executable,
+            example,
+            "--local_workers=2",
+            "--epochs=2",
+            "--batch_size=128",
+            "--method=dp_full",
+            "--pretrain_epochs=2",
+            f"--summary_json={summary}",
+            f"--export_dir={tmp_path / 'export'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=LIMIT_S,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     a, b = (json.loads((tmp_path / f"summary.json.{i}").read_text()) for i in range(2))

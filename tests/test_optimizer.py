@@ -106,14 +106,27 @@ def test_averaged_gradients_are_refused():
 
 
 def test_config_round_trip():
-    opt = dpk.DPOptimizer(keras.optimizers.Adam(3e-3), 0.7, target_epsilon=3.0, target_delta=1e-6, clipping="automatic", accountant="pld")
+    opt = dpk.DPOptimizer(
+        keras.optimizers.Adam(3e-3), 0.7, target_epsilon=3.0, target_delta=1e-6, clipping="automatic", accountant="pld"
+    )
     clone = dpk.DPOptimizer.from_config(opt.get_config())
     assert clone.get_config() == opt.get_config()
     assert float(clone.learning_rate.numpy()) == pytest.approx(3e-3)
 
 
-@pytest.mark.parametrize("argument", ["clipnorm", "clipvalue", "global_clipnorm", "use_ema", "ema_momentum",
-                                      "weight_decay", "loss_scale_factor", "ema_overwrite_frequency"])
+@pytest.mark.parametrize(
+    "argument",
+    [
+        "clipnorm",
+        "clipvalue",
+        "global_clipnorm",
+        "use_ema",
+        "ema_momentum",
+        "weight_decay",
+        "loss_scale_factor",
+        "ema_overwrite_frequency",
+    ],
+)
 def test_arguments_the_wrapper_would_ignore_are_refused(argument):
     value = True if argument == "use_ema" else 0.5
     with pytest.raises(ValueError, match=f"does not support `{argument}`: set it on the inner optimizer"):

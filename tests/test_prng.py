@@ -26,7 +26,9 @@ def test_chacha20_block_matches_rfc8439():
 def test_chacha20_is_the_same_under_xla():
     key = prng.new_key()
     eager = prng.random_words(key, 100, 7, prng.NOISE).numpy()
-    compiled = tf.function(lambda k: prng.random_words(k, 100, 7, prng.NOISE), jit_compile=True)(tf.constant(key)).numpy()
+    compiled = tf.function(lambda k: prng.random_words(k, 100, 7, prng.NOISE), jit_compile=True)(
+        tf.constant(key)
+    ).numpy()
     np.testing.assert_array_equal(eager, compiled)
 
 
@@ -56,8 +58,11 @@ def test_streams_are_distinct_and_repeatable():
     key = prng.new_key()
     a = prng.normal(key, [1000], 3, prng.NOISE).numpy()
     np.testing.assert_array_equal(a, prng.normal(key, [1000], 3, prng.NOISE).numpy())
-    for other in (prng.normal(key, [1000], 4, prng.NOISE), prng.normal(key, [1000], 3, prng.NOISE + 1),
-                  prng.normal(prng.new_key(), [1000], 3, prng.NOISE)):
+    for other in (
+        prng.normal(key, [1000], 4, prng.NOISE),
+        prng.normal(key, [1000], 3, prng.NOISE + 1),
+        prng.normal(prng.new_key(), [1000], 3, prng.NOISE),
+    ):
         assert abs(np.corrcoef(a, other.numpy())[0, 1]) < 0.15
 
 

@@ -45,7 +45,9 @@ def test_grouped_clipping_bounds_each_group_and_the_whole(style):
     x, y = _data(16)
     model = _dp(base, clipping_style=style, groups=[r"dense/"] if style == "group_wise" else None)
     variables = list(model.selection.variables)
-    grads = dpk.per_example_gradients(base, keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None), x, y, variables)
+    grads = dpk.per_example_gradients(
+        base, keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None), x, y, variables
+    )
     groups = model.optimizer._group_index(variables)
     expected_groups = {"layer_wise": 2, "param_wise": 4, "group_wise": 2}[style]
     assert max(groups) + 1 == expected_groups
@@ -66,14 +68,16 @@ def test_layer_wise_step_equals_manual_computation():
     x, y = _data(8)
     model = _dp(base, clipping_style="layer_wise", expected=8.0)
     variables = list(model.selection.variables)
-    grads = dpk.per_example_gradients(base, keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None), x, y, variables)
+    grads = dpk.per_example_gradients(
+        base, keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None), x, y, variables
+    )
     before = _weights(model)
     model.train_on_batch(x, y)
     # Manual: layer = (kernel, bias) pairs; threshold 1/√2 each.
     expected = []
     for layer in range(2):
         k, b = grads[2 * layer].numpy(), grads[2 * layer + 1].numpy()
-        norms = np.sqrt((k.reshape(8, -1) ** 2).sum(1) + (b ** 2).sum(1))
+        norms = np.sqrt((k.reshape(8, -1) ** 2).sum(1) + (b**2).sum(1))
         f = np.minimum(1.0, (1 / np.sqrt(2)) / norms)
         expected += [(f[:, None, None] * k).sum(0), (f[:, None] * b).sum(0)]
     for w0, w1, g in zip(before, _weights(model), expected):
@@ -97,7 +101,9 @@ def test_adaptive_clip_tracks_the_median_norm_and_is_accounted():
     model = _dp(base, lr=0.0, sigma=1.0, expected=64.0, target_unclipped_quantile=0.5, clip_learning_rate=0.2)
     model.optimizer.l2_norm_clip = 50.0
     model.optimizer._current_l2_norm_clip.assign(50.0)
-    grads = dpk.per_example_gradients(base, keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None), x, y)
+    grads = dpk.per_example_gradients(
+        base, keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None), x, y
+    )
     median = float(np.median(clipping.per_example_norms(grads).numpy()))
     for i in range(80):
         model.train_on_batch(x[(i % 4) * 64 : (i % 4 + 1) * 64], y[(i % 4) * 64 : (i % 4 + 1) * 64])
@@ -106,10 +112,16 @@ def test_adaptive_clip_tracks_the_median_norm_and_is_accounted():
     # ε: TF Privacy's composed event (sum + count Gaussians), Poisson-subsampled, 80 steps.
     opt = model.optimizer
     stddev = 64.0 / 20
-    sum_sigma = (1.0 ** -2 - (2 * stddev) ** -2) ** -0.5
+    sum_sigma = (1.0**-2 - (2 * stddev) ** -2) ** -0.5
     event = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.ComposedDpEvent(
-            [dp_accounting.GaussianDpEvent(sum_sigma), dp_accounting.GaussianDpEvent(2 * stddev)])), 80)
+        dp_accounting.PoissonSampledDpEvent(
+            0.1,
+            dp_accounting.ComposedDpEvent(
+                [dp_accounting.GaussianDpEvent(sum_sigma), dp_accounting.GaussianDpEvent(2 * stddev)]
+            ),
+        ),
+        80,
+    )
     accountant = dp_accounting.rdp.RdpAccountant()
     accountant.compose(event)
     assert opt.privacy_spent(1e-5)[0] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
@@ -147,12 +159,17 @@ def test_accumulation_adds_noise_once_per_logical_batch():
     # step whatever k is (k draws per logical batch would give √k times more).
     base = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4096)])
     model = dpk.DPModel(base, trainable="bias")
-    model.compile(optimizer=dpk.DPOptimizer(keras.optimizers.SGD(1.0), 2.0, 1.5, seed=3, gradient_accumulation_steps=4), loss=keras.losses.MeanSquaredError())
+    model.compile(
+        optimizer=dpk.DPOptimizer(keras.optimizers.SGD(1.0), 2.0, 1.5, seed=3, gradient_accumulation_steps=4),
+        loss=keras.losses.MeanSquaredError(),
+    )
     model.optimizer.build(model.trainable_variables)
     model.optimizer.begin_run(0.1, 10.0, 100)
     before = model.trainable_variables[0].numpy().copy()
     for _ in range(4):
-        model.train_on_batch(np.ones((5, 4), "float32"), np.zeros((5, 4096), "float32"), sample_weight=np.zeros(5, "float32"))
+        model.train_on_batch(
+            np.ones((5, 4), "float32"), np.zeros((5, 4096), "float32"), sample_weight=np.zeros(5, "float32")
+        )
     std = float(np.std(before - model.trainable_variables[0].numpy()))
     assert std == pytest.approx(1.5 * 2.0 / 10.0, rel=0.05)
 
@@ -193,8 +210,18 @@ def test_two_phase_trains_all_then_biases_and_accounts_both_phases():
     base = _base()
     snapshots = _Snapshots()
     result = dpk.methods.two_phase_fit(
-        base, x, y, loss=LOSS, phase1_epochs=2, phase2_epochs=1, batch_size=20,
-        target_epsilon=4.0, delta=1e-5, callbacks=[snapshots, dpk.PrivacyCallback(1e-5)], seed=1, verbose=0,
+        base,
+        x,
+        y,
+        loss=LOSS,
+        phase1_epochs=2,
+        phase2_epochs=1,
+        batch_size=20,
+        target_epsilon=4.0,
+        delta=1e-5,
+        callbacks=[snapshots, dpk.PrivacyCallback(1e-5)],
+        seed=1,
+        verbose=0,
     )
     assert result.steps == 30
     assert result.epsilon == pytest.approx(dpk.compute_epsilon(result.noise_multiplier, 0.1, 30, 1e-5))

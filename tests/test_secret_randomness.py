@@ -94,7 +94,9 @@ def test_saved_model_export_holds_neither_key_nor_ledger(tmp_path):
     model.export(export, format="tf_saved_model")
     loaded = tf.saved_model.load(export)
     names = [v.name for v in loaded.variables]
-    assert names and not any(k in n for n in names for k in ("noise_key", "dp_steps", "noise_multiplier", "sampling_rate"))
+    assert names and not any(
+        k in n for n in names for k in ("noise_key", "dp_steps", "noise_multiplier", "sampling_rate")
+    )
     assert len(names) == len(model.model.weights)
     assert not _files_contain(export, _key_bytes(model))
     # A full checkpoint does hold the key (so it must be kept as secret as the data).

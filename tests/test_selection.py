@@ -7,8 +7,12 @@ from dp_bitfit_keras import selection
 
 def _tiny_bert_classifier(num_layers=2, hidden=16, intermediate=32, num_classes=3):
     backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=50, num_layers=num_layers, num_heads=2, hidden_dim=hidden,
-        intermediate_dim=intermediate, max_sequence_length=8,
+        vocabulary_size=50,
+        num_layers=num_layers,
+        num_heads=2,
+        hidden_dim=hidden,
+        intermediate_dim=intermediate,
+        max_sequence_length=8,
     )
     return keras_hub.models.BertTextClassifier(backbone, num_classes=num_classes, preprocessor=None)
 

@@ -44,8 +44,15 @@ from dp_bitfit_keras import gradients
 from dp_bitfit_keras.bookkeeping.rules import BUILTIN_RULES, LayerRule, PerExampleGradientRule, Use, direct_terms
 
 __all__ = [
-    "BookkeepingFallbackWarning", "LayerRule", "Use", "clipped_sums", "covered_variables", "last_fallbacks",
-    "register_layer_rule", "rules_registered", "unregister_layer_rule",
+    "BookkeepingFallbackWarning",
+    "LayerRule",
+    "Use",
+    "clipped_sums",
+    "covered_variables",
+    "last_fallbacks",
+    "register_layer_rule",
+    "rules_registered",
+    "unregister_layer_rule",
 ]
 
 _state = threading.local()
@@ -158,8 +165,20 @@ def _recording(model, selected_ids):
                 layer.call = own
 
 
-def clipped_sums(model, loss_fn, x, y, variables, sample_weight, optimizer, *, mask=None,
-                 training=True, loss_scale=None, on_fallback="warn"):
+def clipped_sums(
+    model,
+    loss_fn,
+    x,
+    y,
+    variables,
+    sample_weight,
+    optimizer,
+    *,
+    mask=None,
+    training=True,
+    loss_scale=None,
+    on_fallback="warn",
+):
     """The clipped gradient sum of a batch by book-keeping: `(summed, below, losses, y_pred)`.
 
     `summed` and `below` are what `DPOptimizer.clipped_sum` returns for the per-example
@@ -210,7 +229,14 @@ def clipped_sums(model, loss_fn, x, y, variables, sample_weight, optimizer, *, m
     if rest:
         _report_fallback(rest, on_fallback)
         grads, _, _ = gradients.per_example_outputs(
-            model, loss_fn, x, y, rest, sample_weight, training=training, on_fallback=on_fallback,
+            model,
+            loss_fn,
+            x,
+            y,
+            rest,
+            sample_weight,
+            training=training,
+            on_fallback=on_fallback,
             loss_scale=loss_scale,
         )
         for v, pg in zip(rest, grads):

@@ -88,6 +88,7 @@ def _embedding_bases():
     bases = [keras.layers.Embedding, keras.layers.ReversibleEmbedding]
     try:
         from keras_hub.layers import ReversibleEmbedding
+
         bases.append(ReversibleEmbedding)
     except Exception:
         pass
@@ -98,8 +99,11 @@ def _conv_covered(layer) -> bool:
     """Conv1D/Conv2D (not transposed, depthwise or separable), channels last, one group, no LoRA."""
     return (
         type(layer) in (keras.layers.Conv1D, keras.layers.Conv2D)
-        and layer.data_format == "channels_last" and layer.groups == 1 and layer.padding in ("valid", "same")
-        and not getattr(layer, "lora_enabled", False) and _plain(layer)
+        and layer.data_format == "channels_last"
+        and layer.groups == 1
+        and layer.padding in ("valid", "same")
+        and not getattr(layer, "lora_enabled", False)
+        and _plain(layer)
     )
 
 
@@ -206,7 +210,9 @@ def _einsum_terms(equation, x, g):
     squared = _matrix_squared_norms(a_mat, g_mat)
 
     def weighted_sum(weights, keep):
-        return tf.einsum(f"{ins},{out}->{ker}", clipping.kept_rows(x, keep), clipping.kept_rows(g, keep) * _expand(weights, g))
+        return tf.einsum(
+            f"{ins},{out}->{ker}", clipping.kept_rows(x, keep), clipping.kept_rows(g, keep) * _expand(weights, g)
+        )
 
     return squared, weighted_sum
 
@@ -262,8 +268,6 @@ def _lora_terms(layer, equation, x, g, a_var, b_var):
     return terms
 
 
-
-
 class EinsumRule(LayerRule):
     """`Dense` and `EinsumDense` (so every `MultiHeadAttention` projection): kernel, bias and the
     Keras LoRA factors. Kernel: ghost norm or direct, the cheaper; bias: the output gradient."""
@@ -288,6 +292,7 @@ class EinsumRule(LayerRule):
                 z = keras.ops.add(z, layer.bias)
             uses.append(Use(self, layer, inputs, z, equation=equation))
             return layer.activation(z) if layer.activation is not None else z
+
         return call
 
     def terms(self, use, g, wanted):
@@ -323,6 +328,7 @@ class ConvRule(LayerRule):
                 z = keras.ops.add(z, layer.bias)
             uses.append(Use(self, layer, inputs, z))
             return layer.activation(z) if layer.activation is not None else z
+
         return call
 
     def terms(self, use, g, wanted):
@@ -355,6 +361,7 @@ class ViTEmbeddingRule(LayerRule):
             out = original(inputs, *args, **kwargs)
             uses.append(Use(self, layer, inputs, out))
             return out
+
         return call
 
     def terms(self, use, g, wanted):
@@ -372,8 +379,12 @@ class EmbeddingRule(LayerRule):
     covered: the embedding falls back."""
 
     def variables(self, layer):
-        if (isinstance(layer, keras.layers.Embedding) and _plain(layer) and not getattr(layer, "lora_enabled", False)
-                and _own_call(layer, *_embedding_bases())):
+        if (
+            isinstance(layer, keras.layers.Embedding)
+            and _plain(layer)
+            and not getattr(layer, "lora_enabled", False)
+            and _own_call(layer, *_embedding_bases())
+        ):
             return {"embeddings": layer._embeddings}
         return {}
 
@@ -383,6 +394,7 @@ class EmbeddingRule(LayerRule):
             reverse = kwargs.get("reverse", args[0] if args else False)
             uses.append(Use(self, layer, inputs, out, supported=not reverse))
             return out
+
         return call
 
     def terms(self, use, g, wanted):
@@ -411,6 +423,7 @@ class PositionEmbeddingRule(LayerRule):
             ok = isinstance(start_index, int) and positions is None
             uses.append(Use(self, layer, inputs, out, supported=ok, start=start_index if ok else 0))
             return out
+
         return call
 
     def terms(self, use, g, wanted):
@@ -433,8 +446,11 @@ class LayerNormRule(LayerRule):
     times the output gradient, beta from the output gradient."""
 
     def variables(self, layer):
-        if (isinstance(layer, keras.layers.LayerNormalization) and not getattr(layer, "rms_scaling", False)
-                and _own_call(layer, keras.layers.LayerNormalization)):
+        if (
+            isinstance(layer, keras.layers.LayerNormalization)
+            and not getattr(layer, "rms_scaling", False)
+            and _own_call(layer, keras.layers.LayerNormalization)
+        ):
             return {"gamma": getattr(layer, "gamma", None), "beta": getattr(layer, "beta", None)}
         return {}
 
@@ -454,6 +470,7 @@ class LayerNormRule(LayerRule):
                 out = out + tf.cast(layer.beta, out.dtype)
             uses.append(Use(self, layer, normalized, out))
             return keras.ops.cast(out, layer.compute_dtype)
+
         return call
 
     def terms(self, use, g, wanted):
@@ -483,6 +500,7 @@ class PerExampleGradientRule(LayerRule):
             out = original(inputs, *args, **kwargs)
             uses.append(Use(self, layer, inputs, out))
             return out
+
         return call
 
     def terms(self, use, g, wanted):
@@ -498,4 +516,11 @@ class PerExampleGradientRule(LayerRule):
         return terms
 
 
-BUILTIN_RULES = (EinsumRule(), ConvRule(), ViTEmbeddingRule(), EmbeddingRule(), PositionEmbeddingRule(), LayerNormRule())
+BUILTIN_RULES = (
+    EinsumRule(),
+    ConvRule(),
+    ViTEmbeddingRule(),
+    EmbeddingRule(),
+    PositionEmbeddingRule(),
+    LayerNormRule(),
+)

@@ -29,8 +29,24 @@ class PrivateRun:
     accumulation_steps: int = 1
 
     @classmethod
-    def plan(cls, model, x, y, *, loss, batch_size, total_epochs, l2_norm_clip, noise_multiplier,
-             target_epsilon, delta, clipping, accountant, seed, gradient_accumulation_steps=1):
+    def plan(
+        cls,
+        model,
+        x,
+        y,
+        *,
+        loss,
+        batch_size,
+        total_epochs,
+        l2_norm_clip,
+        noise_multiplier,
+        target_epsilon,
+        delta,
+        clipping,
+        accountant,
+        seed,
+        gradient_accumulation_steps=1,
+    ):
         """Checks the arguments, builds the Poisson stream and fixes σ (given, or calibrated so
         that `total_epochs` of steps spend `target_epsilon` at `delta`). With
         `gradient_accumulation_steps` k > 1 each Poisson batch arrives as k micro-batches and
@@ -47,19 +63,41 @@ class PrivateRun:
         if noise_multiplier is None:
             steps = dataset.dp_sampler.steps_per_epoch * total_epochs
             noise_multiplier = accounting.noise_multiplier_for_epsilon(target_epsilon, q, steps, delta, accountant)
-        return cls(model, dataset, loss, l2_norm_clip, float(noise_multiplier), clipping, accountant, seed,
-                   gradient_accumulation_steps)
+        return cls(
+            model,
+            dataset,
+            loss,
+            l2_norm_clip,
+            float(noise_multiplier),
+            clipping,
+            accountant,
+            seed,
+            gradient_accumulation_steps,
+        )
 
-    def phase(self, trainable, inner: keras.optimizers.Optimizer, metrics=None, after: DPModel | None = None,
-              optimizer_class=DPOptimizer) -> DPModel:
+    def phase(
+        self,
+        trainable,
+        inner: keras.optimizers.Optimizer,
+        metrics=None,
+        after: DPModel | None = None,
+        optimizer_class=DPOptimizer,
+    ) -> DPModel:
         """A compiled, built `DPModel` for one phase; `after`: the phase whose ledger it continues;
         `optimizer_class`: `DPOptimizer` or a subclass with the method's hooks."""
         dp_model = DPModel(self.model, trainable=trainable)
         dp_model.compile(
-            optimizer=optimizer_class(inner, self.l2_norm_clip, self.noise_multiplier, clipping=self.clipping,
-                                  accountant=self.accountant, seed=self.seed,
-                                  gradient_accumulation_steps=self.accumulation_steps),
-            loss=self.loss, metrics=metrics,
+            optimizer=optimizer_class(
+                inner,
+                self.l2_norm_clip,
+                self.noise_multiplier,
+                clipping=self.clipping,
+                accountant=self.accountant,
+                seed=self.seed,
+                gradient_accumulation_steps=self.accumulation_steps,
+            ),
+            loss=self.loss,
+            metrics=metrics,
         )
         dp_model.optimizer.build(list(dp_model.selection.variables))
         if after is not None:

@@ -51,8 +51,9 @@ class DPZeroModel(DPModel):
         # resumed run draws the same directions. Its own streams, so z never reuses the noise's.
         opt = self.optimizer
         key, step = opt.noise_stream()
-        return prng.normal_list(key, [v.shape for v in variables], step, prng.DPZERO_DIRECTION,
-                                generator=opt.noise_generator)
+        return prng.normal_list(
+            key, [v.shape for v in variables], step, prng.DPZERO_DIRECTION, generator=opt.noise_generator
+        )
 
     def _example_losses(self, x, y, sample_weight):
         y_pred = self.model(x, training=False)

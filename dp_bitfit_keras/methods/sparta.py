@@ -95,8 +95,10 @@ class SparseDPOptimizer(DPOptimizer):
 
     def transform_per_example_gradients(self, per_example_grads):
         if self.gradient_masks is not None:
-            per_example_grads = [g if m is None else g * tf.cast(m, g.dtype)[None]
-                                 for g, m in zip(per_example_grads, self.gradient_masks)]
+            per_example_grads = [
+                g if m is None else g * tf.cast(m, g.dtype)[None]
+                for g, m in zip(per_example_grads, self.gradient_masks)
+            ]
         if self.absolute_gradients:
             per_example_grads = [tf.abs(g) for g in per_example_grads]
         return per_example_grads
@@ -249,9 +251,19 @@ def sparta_fit(
     if not cands:
         raise ValueError("No candidate variables for SPARTA (check `candidates`).")
     run = PrivateRun.plan(
-        model, x, y, loss=loss, batch_size=batch_size, total_epochs=selection_epochs + epochs,
-        l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
-        delta=delta, clipping=clipping, accountant=accountant, seed=seed,
+        model,
+        x,
+        y,
+        loss=loss,
+        batch_size=batch_size,
+        total_epochs=selection_epochs + epochs,
+        l2_norm_clip=l2_norm_clip,
+        noise_multiplier=noise_multiplier,
+        target_epsilon=target_epsilon,
+        delta=delta,
+        clipping=clipping,
+        accountant=accountant,
+        seed=seed,
         gradient_accumulation_steps=gradient_accumulation_steps,
     )
     chosen = {id(v) for v in cands}
@@ -283,18 +295,32 @@ def sparta_fit(
     for v in model.weights:  # phase 1 froze everything but the candidates
         if id(v) in train_ids:
             v.trainable = True
-    trainer = run.phase(lambda v: id(v) in train_ids, optimizer or keras.optimizers.Adam(1e-3), metrics, after=selector,
-                        optimizer_class=SparseDPOptimizer)
+    trainer = run.phase(
+        lambda v: id(v) in train_ids,
+        optimizer or keras.optimizers.Adam(1e-3),
+        metrics,
+        after=selector,
+        optimizer_class=SparseDPOptimizer,
+    )
     trainer.optimizer.gradient_masks = [
         tf.constant(by_path[v.path]) if v.path in by_path else None for v in trainer.selection.variables
     ]
     history = trainer.fit(run.dataset, epochs=epochs, callbacks=callbacks, **fit_kwargs)
     epsilon, _ = trainer.optimizer.privacy_spent(delta)
     return SpartaResult(
-        model=trainer, masks=by_path, density=kept / sum(m.size for m in masks),
-        kept_rows=kept_rows, candidate_rows=sum(row_counts), kept_entries=int(kept), variant=variant,
-        selection_steps=selector.optimizer.dp_steps, steps=trainer.optimizer.dp_steps,
-        noise_multiplier=run.noise_multiplier, epsilon=epsilon, delta=delta, history=history,
+        model=trainer,
+        masks=by_path,
+        density=kept / sum(m.size for m in masks),
+        kept_rows=kept_rows,
+        candidate_rows=sum(row_counts),
+        kept_entries=int(kept),
+        variant=variant,
+        selection_steps=selector.optimizer.dp_steps,
+        steps=trainer.optimizer.dp_steps,
+        noise_multiplier=run.noise_multiplier,
+        epsilon=epsilon,
+        delta=delta,
+        history=history,
     )
 
 

@@ -79,9 +79,19 @@ def two_phase_fit(
     if phase1_epochs + phase2_epochs == 0:
         raise ValueError("Nothing to train: phase1_epochs + phase2_epochs == 0.")
     run = PrivateRun.plan(
-        model, x, y, loss=loss, batch_size=batch_size, total_epochs=phase1_epochs + phase2_epochs,
-        l2_norm_clip=l2_norm_clip, noise_multiplier=noise_multiplier, target_epsilon=target_epsilon,
-        delta=delta, clipping=clipping, accountant=accountant, seed=seed,
+        model,
+        x,
+        y,
+        loss=loss,
+        batch_size=batch_size,
+        total_epochs=phase1_epochs + phase2_epochs,
+        l2_norm_clip=l2_norm_clip,
+        noise_multiplier=noise_multiplier,
+        target_epsilon=target_epsilon,
+        delta=delta,
+        clipping=clipping,
+        accountant=accountant,
+        seed=seed,
         gradient_accumulation_steps=gradient_accumulation_steps,
     )
     phase1 = run.phase("all", phase1_optimizer or keras.optimizers.Adam(5e-4), metrics)

@@ -30,9 +30,7 @@ def validate(noise_multiplier=None, sampling_rate=None, steps=None, delta=None, 
     if noise_multiplier is not None and not noise_multiplier >= 0:
         raise ValueError(f"noise_multiplier must be >= 0; got {noise_multiplier}.")
     if sampling_rate is not None and not 0 < sampling_rate <= 1:
-        raise ValueError(
-            f"sampling_rate must be in (0, 1] (expected batch size / dataset size); got {sampling_rate}."
-        )
+        raise ValueError(f"sampling_rate must be in (0, 1] (expected batch size / dataset size); got {sampling_rate}.")
     if steps is not None and (int(steps) != steps or steps < 0):
         raise ValueError(f"steps must be a non-negative integer; got {steps}.")
     if delta is not None and not 0 < delta < 1:
@@ -45,9 +43,7 @@ def dp_sgd_event(noise_multiplier: float, sampling_rate: float, steps: int) -> d
     """The `DpEvent` of `steps` Poisson-subsampled Gaussian steps."""
     validate(noise_multiplier, sampling_rate, steps)
     return dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(
-            sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
-        ),
+        dp_accounting.PoissonSampledDpEvent(sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)),
         int(steps),
     )
 

@@ -129,7 +129,9 @@ def sample_weights(sample_weight, class_weight, y, num_examples: int):
             )
         check_finite(weights, "sample_weight")
         if (weights < 0).any():
-            raise ValueError(f"sample_weight must be >= 0; {_where('sample_weight', *_first_bad(weights < 0))} is negative.")
+            raise ValueError(
+                f"sample_weight must be >= 0; {_where('sample_weight', *_first_bad(weights < 0))} is negative."
+            )
     if class_weight is not None:
         if not isinstance(class_weight, dict) or not class_weight:
             raise ValueError(f"class_weight must be a dict {{class index: weight}}; got {class_weight!r}.")

@@ -52,10 +52,12 @@ class Segment:
         """The event of one step before subsampling."""
         if self.count_noise_multiplier == 0:
             return dp_accounting.GaussianDpEvent(self.noise_multiplier)
-        return dp_accounting.ComposedDpEvent([
-            dp_accounting.GaussianDpEvent(self.noise_multiplier),
-            dp_accounting.GaussianDpEvent(self.count_noise_multiplier),
-        ])
+        return dp_accounting.ComposedDpEvent(
+            [
+                dp_accounting.GaussianDpEvent(self.noise_multiplier),
+                dp_accounting.GaussianDpEvent(self.count_noise_multiplier),
+            ]
+        )
 
     def event(self) -> dp_accounting.DpEvent:
         return accounting.dp_sgd_event_of(self.step_event(), self.sampling_rate, self.steps)
@@ -63,9 +65,11 @@ class Segment:
     def same_mechanism(self, other: Segment) -> bool:
         return all(
             math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
-            for a, b in ((self.noise_multiplier, other.noise_multiplier),
-                         (self.sampling_rate, other.sampling_rate),
-                         (self.count_noise_multiplier, other.count_noise_multiplier))
+            for a, b in (
+                (self.noise_multiplier, other.noise_multiplier),
+                (self.sampling_rate, other.sampling_rate),
+                (self.count_noise_multiplier, other.count_noise_multiplier),
+            )
         )
 
     def row(self) -> list[float]:
@@ -128,8 +132,14 @@ class EpsilonCurve:
     should not ask every step).
     """
 
-    def __init__(self, closed: Sequence[Segment], open_segment: Segment, delta: float,
-                 accountant: str = "rdp", first_step: int = 0):
+    def __init__(
+        self,
+        closed: Sequence[Segment],
+        open_segment: Segment,
+        delta: float,
+        accountant: str = "rdp",
+        first_step: int = 0,
+    ):
         accounting.validate(delta=delta, accountant=accountant)
         self.closed = [s for s in closed if s.steps > 0]
         self.open_segment = open_segment
@@ -155,7 +165,8 @@ class EpsilonCurve:
                 from dp_accounting.rdp import rdp_privacy_accountant
 
                 eps, _ = rdp_privacy_accountant.compute_epsilon(
-                    self._orders, list(self._closed_rdp + opened * self._step_rdp), self.delta)
+                    self._orders, list(self._closed_rdp + opened * self._step_rdp), self.delta
+                )
                 self._cache[opened] = float(eps)
             else:
                 segments = [*self.closed, dataclasses.replace(self.open_segment, steps=opened)]

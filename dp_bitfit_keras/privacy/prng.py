@@ -100,10 +100,14 @@ def _rotl(x, bits):
 
 
 def _quarter_rounds(a, b, c, d):
-    a = a + b; d = _rotl(tf.bitwise.bitwise_xor(d, a), 16)  # noqa: E702
-    c = c + d; b = _rotl(tf.bitwise.bitwise_xor(b, c), 12)  # noqa: E702
-    a = a + b; d = _rotl(tf.bitwise.bitwise_xor(d, a), 8)  # noqa: E702
-    c = c + d; b = _rotl(tf.bitwise.bitwise_xor(b, c), 7)  # noqa: E702
+    a = a + b
+    d = _rotl(tf.bitwise.bitwise_xor(d, a), 16)  # noqa: E702
+    c = c + d
+    b = _rotl(tf.bitwise.bitwise_xor(b, c), 12)  # noqa: E702
+    a = a + b
+    d = _rotl(tf.bitwise.bitwise_xor(d, a), 8)  # noqa: E702
+    c = c + d
+    b = _rotl(tf.bitwise.bitwise_xor(b, c), 7)  # noqa: E702
     return a, b, c, d
 
 
@@ -136,7 +140,10 @@ def chacha20_blocks(key, nonce, counters):
     c0 = key[4:, None] * ones
     d0 = tf.concat([counters, nonce[:, None] * ones], axis=0)
     _, a, b, c, d = tf.while_loop(
-        lambda i, *_: i < 10, _double_round, (tf.constant(0), a0, b0, c0, d0), maximum_iterations=10,
+        lambda i, *_: i < 10,
+        _double_round,
+        (tf.constant(0), a0, b0, c0, d0),
+        maximum_iterations=10,
     )
     state = tf.concat([a + a0, b + b0, c + c0, d + d0], axis=0)  # [16, m]
     return tf.transpose(state)
@@ -144,11 +151,13 @@ def chacha20_blocks(key, nonce, counters):
 
 def _nonce(step, stream):
     step = tf.cast(step, tf.int64)
-    return tf.stack([
-        tf.cast(stream, tf.int64),
-        tf.bitwise.bitwise_and(step, 0xFFFFFFFF),
-        tf.bitwise.right_shift(step, 32),
-    ])
+    return tf.stack(
+        [
+            tf.cast(stream, tf.int64),
+            tf.bitwise.bitwise_and(step, 0xFFFFFFFF),
+            tf.bitwise.right_shift(step, 32),
+        ]
+    )
 
 
 def random_words(key, count: int, step, stream):
@@ -200,7 +209,9 @@ def normal(key, shape, step, stream, stddev=1.0, dtype=tf.float32, generator="ch
         return j + 1, out.write(j, _four_gaussians(u, stddev, dtype))
 
     _, out = tf.while_loop(
-        lambda j, _: j < chunks, body, (tf.constant(0), tf.TensorArray(dtype, size=chunks, element_shape=[NORMAL_CHUNK])),
+        lambda j, _: j < chunks,
+        body,
+        (tf.constant(0), tf.TensorArray(dtype, size=chunks, element_shape=[NORMAL_CHUNK])),
         maximum_iterations=chunks,
     )
     return tf.reshape(out.concat()[:size], shape)
@@ -238,6 +249,16 @@ def normal_list(key, shapes, step, stream, stddev=1.0, dtypes=tf.float32, genera
 
 
 __all__ = [
-    "GENERATORS", "KEY_WORDS", "PredictableNoiseWarning", "chacha20_blocks", "derive_key", "key_for", "key_from_seed",
-    "new_key", "normal", "normal_list", "random_words", "uniform",
+    "GENERATORS",
+    "KEY_WORDS",
+    "PredictableNoiseWarning",
+    "chacha20_blocks",
+    "derive_key",
+    "key_for",
+    "key_from_seed",
+    "new_key",
+    "normal",
+    "normal_list",
+    "random_words",
+    "uniform",
 ]

@@ -13,8 +13,7 @@ import collections
 import dp_accounting
 import tensorflow as tf
 
-from dp_bitfit_keras._compat import GaussianSumQuery
-from dp_bitfit_keras._compat import QuantileAdaptiveClipSumQuery
+from dp_bitfit_keras._compat import GaussianSumQuery, QuantileAdaptiveClipSumQuery
 from dp_bitfit_keras.privacy import prng
 
 
@@ -34,14 +33,24 @@ class SeededGaussianSumQuery(GaussianSumQuery):
 
     def make_global_state(self, l2_norm_clip, stddev, key=(0,) * prng.KEY_WORDS, step=0, stream=prng.NOISE):
         return self._GlobalState(
-            tf.cast(l2_norm_clip, tf.float32), tf.cast(stddev, tf.float32), tf.cast(key, tf.int64),
-            tf.cast(step, tf.int64), int(stream),
+            tf.cast(l2_norm_clip, tf.float32),
+            tf.cast(stddev, tf.float32),
+            tf.cast(key, tf.int64),
+            tf.cast(step, tf.int64),
+            int(stream),
         )
 
     def get_noised_result(self, sample_state, global_state):
         flat = tf.nest.flatten(sample_state)
-        noise = prng.normal_list(global_state.key, [v.shape for v in flat], global_state.step, global_state.stream,
-                                 stddev=global_state.stddev, dtypes=[v.dtype for v in flat], generator=self.generator)
+        noise = prng.normal_list(
+            global_state.key,
+            [v.shape for v in flat],
+            global_state.step,
+            global_state.stream,
+            stddev=global_state.stddev,
+            dtypes=[v.dtype for v in flat],
+            generator=self.generator,
+        )
         noised = [v + z for v, z in zip(flat, noise)]
         event = dp_accounting.GaussianDpEvent(global_state.stddev / global_state.l2_norm_clip)
         return tf.nest.pack_sequence_as(sample_state, noised), global_state, event
@@ -66,11 +75,28 @@ class SeededQuantileAdaptiveClipSumQuery(QuantileAdaptiveClipSumQuery):
     releases has (σ_sum⁻² + (2·σ_count)⁻²)^(-1/2) (see `sum_noise_multiplier_for`).
     """
 
-    def __init__(self, initial_l2_norm_clip, sum_noise_multiplier, target_unclipped_quantile,
-                 learning_rate, clipped_count_stddev, expected_num_records, generator="chacha20"):
-        super().__init__(initial_l2_norm_clip, sum_noise_multiplier, target_unclipped_quantile,
-                         learning_rate, clipped_count_stddev, expected_num_records, geometric_update=True)
-        self._sum_query = SeededGaussianSumQuery(initial_l2_norm_clip, sum_noise_multiplier * initial_l2_norm_clip, generator)
+    def __init__(
+        self,
+        initial_l2_norm_clip,
+        sum_noise_multiplier,
+        target_unclipped_quantile,
+        learning_rate,
+        clipped_count_stddev,
+        expected_num_records,
+        generator="chacha20",
+    ):
+        super().__init__(
+            initial_l2_norm_clip,
+            sum_noise_multiplier,
+            target_unclipped_quantile,
+            learning_rate,
+            clipped_count_stddev,
+            expected_num_records,
+            geometric_update=True,
+        )
+        self._sum_query = SeededGaussianSumQuery(
+            initial_l2_norm_clip, sum_noise_multiplier * initial_l2_norm_clip, generator
+        )
         # The below-estimate count is NormalizedQuery(GaussianSumQuery(0.5, stddev)) in TF Privacy 0.9.
         below = self._quantile_estimator_query._below_estimate_query
         below._numerator = SeededGaussianSumQuery(0.5, clipped_count_stddev, generator)
@@ -82,7 +108,9 @@ class SeededQuantileAdaptiveClipSumQuery(QuantileAdaptiveClipSumQuery):
     def state_for(self, l2_norm_clip, sum_noise_multiplier, key, step):
         """The global state at clip C with noise keyed by `key` at `step` (the sum and the
         count draw from different streams)."""
-        sum_state = self._sum_query.make_global_state(l2_norm_clip, sum_noise_multiplier * l2_norm_clip, key, step, prng.NOISE)
+        sum_state = self._sum_query.make_global_state(
+            l2_norm_clip, sum_noise_multiplier * l2_norm_clip, key, step, prng.NOISE
+        )
         estimator = self._quantile_estimator_query
         below = estimator._below_estimate_query
         below_state = below._GlobalState(
@@ -90,22 +118,24 @@ class SeededQuantileAdaptiveClipSumQuery(QuantileAdaptiveClipSumQuery):
             tf.constant(self.expected_num_records, tf.float32),
         )
         estimator_state = estimator._GlobalState(
-            tf.cast(l2_norm_clip, tf.float32), tf.constant(self.target_unclipped_quantile, tf.float32),
-            tf.constant(self.clip_learning_rate, tf.float32), below_state,
+            tf.cast(l2_norm_clip, tf.float32),
+            tf.constant(self.target_unclipped_quantile, tf.float32),
+            tf.constant(self.clip_learning_rate, tf.float32),
+            below_state,
         )
         return self._GlobalState(tf.cast(sum_noise_multiplier, tf.float32), sum_state, estimator_state)
 
 
 def sum_noise_multiplier_for(noise_multiplier, clipped_count_stddev):
     """σ_sum such that sum and count releases together cost what one Gaussian of `noise_multiplier` does."""
-    rest = noise_multiplier ** -2 - (2.0 * clipped_count_stddev) ** -2
+    rest = noise_multiplier**-2 - (2.0 * clipped_count_stddev) ** -2
     if rest <= 0:
         raise ValueError(
             f"Adaptive clipping's count noise (clipped_count_stddev={clipped_count_stddev}) alone costs "
             f"more than noise_multiplier={noise_multiplier} allows; need 2·clipped_count_stddev > "
             "noise_multiplier (Andrew et al. suggest clipped_count_stddev = expected batch size / 20)."
         )
-    return rest ** -0.5
+    return rest**-0.5
 
 
 def adaptive_noised_sum(query: SeededQuantileAdaptiveClipSumQuery, global_state, summed, below_minus_half):

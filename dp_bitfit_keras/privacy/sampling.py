@@ -117,12 +117,28 @@ def poisson_batches(
     """
     examples = _materialize(dataset)
     checks.check_finite(examples, "data")
-    return poisson_batches_from_tensors(examples, sampling_rate, max_batch_size, steps_per_epoch=steps_per_epoch, seed=seed,
-                            overflow_probability=overflow_probability, micro_batches=micro_batches)
+    return poisson_batches_from_tensors(
+        examples,
+        sampling_rate,
+        max_batch_size,
+        steps_per_epoch=steps_per_epoch,
+        seed=seed,
+        overflow_probability=overflow_probability,
+        micro_batches=micro_batches,
+    )
 
 
-def poisson_batches_from_tensors(examples, sampling_rate, max_batch_size=None, *, steps_per_epoch=None, seed=None,
-                     overflow_probability=1e-9, micro_batches=1, key=None):
+def poisson_batches_from_tensors(
+    examples,
+    sampling_rate,
+    max_batch_size=None,
+    *,
+    steps_per_epoch=None,
+    seed=None,
+    overflow_probability=1e-9,
+    micro_batches=1,
+    key=None,
+):
     """`poisson_batches` of tensors already in memory and already checked (`DPModel.fit` checks
     its arrays itself, naming them `x` and `y`). `key`: the sampling key itself (workers of one
     run share one; see `dp_bitfit_keras.distribute`), else from `seed` or the OS."""

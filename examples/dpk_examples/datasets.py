@@ -108,4 +108,6 @@ def tfds_text(name: str, max_examples: int | None = None, data_dir: str | None =
     for example in examples:
         texts.append(example[text_key].decode("utf-8"))
         labels.append(int(example["label"]))
-    return split_80_10_10(np.array(texts, dtype=object), np.array(labels, dtype=np.int32), list(features["label"].names))
+    return split_80_10_10(
+        np.array(texts, dtype=object), np.array(labels, dtype=np.int32), list(features["label"].names)
+    )

@@ -13,7 +13,7 @@ import math
 import os
 import re
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -60,7 +60,10 @@ DEFAULT_LEARNING_RATES = {"all": 1e-4, "bias": 5e-3, "bias+head": 1e-2, "lora+he
 LORA_RANK = 8
 LR_SCHEDULES = ("constant", "linear")
 TWO_PHASE_METHODS = ("sparta", "sparta_signed", "two_phase")  # run by their own fit functions (methods/)
-OWN_OPTIMIZER_METHODS = (*TWO_PHASE_METHODS, "dpzero")  # build their own inner optimizers (`optimizer`, `ema_momentum` refused)
+OWN_OPTIMIZER_METHODS = (
+    *TWO_PHASE_METHODS,
+    "dpzero",
+)  # build their own inner optimizers (`optimizer`, `ema_momentum` refused)
 OPTIMIZERS = {  # inner optimizer by name (learning rate or schedule -> optimizer)
     "adam": lambda lr, **kw: keras.optimizers.Adam(lr, **kw),
     "sgd": lambda lr, **kw: keras.optimizers.SGD(lr, momentum=0.9, **kw),
@@ -75,8 +78,9 @@ def optimizer_for(method: str, requested: str | None, learning_rate: float | Non
     if requested is None or requested == default:
         return default
     if learning_rate is None:
-        raise ValueError(f"optimizer={requested!r} for {method}: give its learning rate too (the default rate is "
-                         f"{default!r}'s).")
+        raise ValueError(
+            f"optimizer={requested!r} for {method}: give its learning rate too (the default rate is {default!r}'s)."
+        )
     return requested
 
 
@@ -258,22 +262,46 @@ def train(
     if method in TWO_PHASE_METHODS:
         cbs = [timer, PrivacyCallback(delta=delta), *callbacks]
         common = dict(
-            loss=loss, batch_size=batch_size, l2_norm_clip=l2_norm_clip, target_epsilon=epsilon, delta=delta,
-            clipping=clipping, metrics=["accuracy"], callbacks=cbs, seed=noise_seed, gradient_accumulation_steps=k,
-            validation_data=validation_data, verbose=verbose,
+            loss=loss,
+            batch_size=batch_size,
+            l2_norm_clip=l2_norm_clip,
+            target_epsilon=epsilon,
+            delta=delta,
+            clipping=clipping,
+            metrics=["accuracy"],
+            callbacks=cbs,
+            seed=noise_seed,
+            gradient_accumulation_steps=k,
+            validation_data=validation_data,
+            verbose=verbose,
         )
         if method.startswith("sparta"):
-            run = sparta_fit(base, x_train, y_train, density=0.2, epochs=epochs, optimizer=keras.optimizers.Adam(lr),
-                             variant="signed" if method == "sparta_signed" else "published", **common)
+            run = sparta_fit(
+                base,
+                x_train,
+                y_train,
+                density=0.2,
+                epochs=epochs,
+                optimizer=keras.optimizers.Adam(lr),
+                variant="signed" if method == "sparta_signed" else "published",
+                **common,
+            )
             # Kept kernel entries, plus what phase 2 trains whole (the head; biases if asked).
             sparse_trainable = run.kept_entries + sum(
-                int(np.prod(v.shape)) for v in run.model.selection.variables if v.path not in run.masks)
+                int(np.prod(v.shape)) for v in run.model.selection.variables if v.path not in run.masks
+            )
         else:
             lr1, lr2 = lr if isinstance(lr, tuple) else (lr, lr)
             first = epochs // 2  # DP full for the first half (none with 1 epoch), then DP-BiTFiT
             run = two_phase_fit(
-                base, x_train, y_train, phase1_epochs=first, phase2_epochs=epochs - first,
-                phase1_optimizer=keras.optimizers.Adam(lr1), phase2_optimizer=keras.optimizers.Adam(lr2), **common,
+                base,
+                x_train,
+                y_train,
+                phase1_epochs=first,
+                phase2_epochs=epochs - first,
+                phase1_optimizer=keras.optimizers.Adam(lr1),
+                phase2_optimizer=keras.optimizers.Adam(lr2),
+                **common,
             )
         model = run.model
         selection = model.selection
@@ -284,14 +312,22 @@ def train(
         else:
             model = DPModel(base, trainable=trainable)
             inner, clip = OPTIMIZERS[optimizer](lr, **ema), l2_norm_clip
-        budget = dict(target_epsilon=epsilon, target_delta=delta) if noise_multiplier is None else dict(
-            noise_multiplier=noise_multiplier)
+        budget = (
+            dict(target_epsilon=epsilon, target_delta=delta)
+            if noise_multiplier is None
+            else dict(noise_multiplier=noise_multiplier)
+        )
         model.compile(
             optimizer=DPOptimizer(
-                inner, l2_norm_clip=clip, **budget, clipping="abadi" if method == "dpzero" else clipping, seed=noise_seed,
+                inner,
+                l2_norm_clip=clip,
+                **budget,
+                clipping="abadi" if method == "dpzero" else clipping,
+                seed=noise_seed,
                 gradient_accumulation_steps=k,
             ),
-            loss=loss, metrics=["accuracy"],
+            loss=loss,
+            metrics=["accuracy"],
         )
         selection = model.selection
         model.fit(x_train, y_train, callbacks=[timer, PrivacyCallback(delta=delta), *callbacks], **fit_kwargs)
@@ -337,7 +373,8 @@ def default_export_dir(dataset: str, method: str, epsilon: float, root: str = "s
 
 def print_summary(result: RunResult, export_dir: str, serving_hint: str = "") -> None:
     eps = (
-        "∞ (not private)" if math.isinf(result.epsilon)
+        "∞ (not private)"
+        if math.isinf(result.epsilon)
         else f"{result.epsilon:.3f} (δ = {result.delta:.2e}, σ = {result.noise_multiplier:.3f})"
     )
     print("\n== Summary ==")

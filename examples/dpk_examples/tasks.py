@@ -4,7 +4,7 @@ binaries and the utility sweep."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -41,8 +41,14 @@ class Task:
 # dp_full by examples/accuracy_study.py: dp_full at expected batch 256, 100 epochs, Abadi C = 1,
 # SGD with momentum 0.9 at 0.1, which beat the best Adam rate, 1.2e-2, on validation: 93.3 vs 91.8).
 DIGITS_LEARNING_RATES = {
-    "full": 3e-3, "dp_full": 0.1, "bitfit": 2e-2, "bitfit_head": 2e-2, "dp_bitfit": 2e-2, "dp_bitfit_head": 2e-2,
-    "sparta": 2e-3, "sparta_signed": 2e-3,  # dp_full's Adam rate before the study: SPARTA trains a subset of the same kernels
+    "full": 3e-3,
+    "dp_full": 0.1,
+    "bitfit": 2e-2,
+    "bitfit_head": 2e-2,
+    "dp_bitfit": 2e-2,
+    "dp_bitfit_head": 2e-2,
+    "sparta": 2e-3,
+    "sparta_signed": 2e-3,  # dp_full's Adam rate before the study: SPARTA trains a subset of the same kernels
 }
 DIGITS_OPTIMIZERS = {"dp_full": "sgd"}  # every other method: Adam
 # At ε <= 3 the study's re-tuning preferred smaller steps: SGD at 0.05 (validation 85.0 vs 76.0 at 0.1).
@@ -54,7 +60,9 @@ LOW_EPSILON = 3.0
 TEXT_LR_SCHEDULES = {"dp_bitfit_head": "linear"}
 
 
-def text_task(preset="offline-minilm", dataset="tweets_binary", max_examples=None, sequence_length=64, pooling="mean") -> Task:
+def text_task(
+    preset="offline-minilm", dataset="tweets_binary", max_examples=None, sequence_length=64, pooling="mean"
+) -> Task:
     """A BERT classifier task; `preset="offline-minilm"` is the packaged pretrained MiniLM."""
     preset = presets.minilm_preset_dir() if preset == "offline-minilm" else preset
     if dataset in ("tweets", "tweets_binary"):
@@ -78,14 +86,20 @@ def text_task(preset="offline-minilm", dataset="tweets_binary", max_examples=Non
 
 def digits_cnn(num_classes: int) -> keras.Model:
     """A small CNN with GroupNormalization (per-example gradients stay defined)."""
-    return keras.Sequential([
-        keras.Input((8, 8, 1)),
-        keras.layers.Conv2D(32, 3, padding="same"), keras.layers.GroupNormalization(8), keras.layers.Activation("relu"),
-        keras.layers.Conv2D(64, 3, padding="same", strides=2), keras.layers.GroupNormalization(8), keras.layers.Activation("relu"),
-        keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(64, activation="relu", name="features"),
-        keras.layers.Dense(num_classes, name="logits"),
-    ])
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(32, 3, padding="same"),
+            keras.layers.GroupNormalization(8),
+            keras.layers.Activation("relu"),
+            keras.layers.Conv2D(64, 3, padding="same", strides=2),
+            keras.layers.GroupNormalization(8),
+            keras.layers.Activation("relu"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(64, activation="relu", name="features"),
+            keras.layers.Dense(num_classes, name="logits"),
+        ]
+    )
 
 
 def digits_transfer_task(pretrain_epochs: int = 30, seed: int = 0, verbose: bool = True) -> Task:
@@ -99,7 +113,9 @@ def digits_transfer_task(pretrain_epochs: int = 30, seed: int = 0, verbose: bool
     pretrained = digits_cnn(5)
     pretrained.compile(
         optimizer=keras.optimizers.Adam(3e-3),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"], jit_compile=True,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        jit_compile=True,
     )
     pretrained.fit(x[public], y[public], batch_size=64, epochs=pretrain_epochs, verbose=0)
     if verbose:
@@ -113,8 +129,13 @@ def digits_transfer_task(pretrain_epochs: int = 30, seed: int = 0, verbose: bool
         return keras.Model(clone.inputs, keras.layers.Dense(5, name="logits")(clone.output))
 
     splits = datasets.split_80_10_10(x[~public], y[~public] - 5, [str(d) for d in range(5, 10)])
-    return Task(build_model, splits, learning_rates=DIGITS_LEARNING_RATES, optimizers=DIGITS_OPTIMIZERS,
-                low_epsilon_learning_rates=DIGITS_LOW_EPSILON_LEARNING_RATES)
+    return Task(
+        build_model,
+        splits,
+        learning_rates=DIGITS_LEARNING_RATES,
+        optimizers=DIGITS_OPTIMIZERS,
+        low_epsilon_learning_rates=DIGITS_LOW_EPSILON_LEARNING_RATES,
+    )
 
 
 def hub_image_task(preset: str, dataset: str, image_size: int = 224, max_examples=None, seed: int = 0) -> Task:

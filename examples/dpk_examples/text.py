@@ -20,7 +20,9 @@ def bert_classifier(backbone, num_classes: int, pooling: str = "mean", dropout: 
     """
     if pooling not in ("mean", "cls"):
         raise ValueError(f"pooling must be 'mean' or 'cls'; got {pooling!r}.")
-    inputs = {name: keras.Input((None,), dtype="int32", name=name) for name in ("token_ids", "segment_ids", "padding_mask")}
+    inputs = {
+        name: keras.Input((None,), dtype="int32", name=name) for name in ("token_ids", "segment_ids", "padding_mask")
+    }
     outputs = backbone(inputs)
     if pooling == "cls":
         pooled = outputs["pooled_output"]
@@ -60,9 +62,13 @@ def _write_assets(path, class_names, preprocessor=None):
         tokenizer = preprocessor.tokenizer
         with open(os.path.join(assets, "vocab.txt"), "w") as f:
             f.writelines(f"{token}\n" for token in tokenizer.get_vocabulary())
-        config = dict(sequence_length=int(preprocessor.sequence_length), lowercase=bool(getattr(tokenizer, "lowercase", True)),
-                      cls_token_id=int(tokenizer.cls_token_id), sep_token_id=int(tokenizer.sep_token_id),
-                      pad_token_id=int(tokenizer.pad_token_id))
+        config = dict(
+            sequence_length=int(preprocessor.sequence_length),
+            lowercase=bool(getattr(tokenizer, "lowercase", True)),
+            cls_token_id=int(tokenizer.cls_token_id),
+            sep_token_id=int(tokenizer.sep_token_id),
+            pad_token_id=int(tokenizer.pad_token_id),
+        )
         with open(os.path.join(assets, "tokenizer.json"), "w") as f:
             json.dump(config, f, indent=1)
 
@@ -95,7 +101,9 @@ def export_token_classifier(model: keras.Model, path: str, class_names, preproce
     return path
 
 
-def export_text_classifier(model: keras.Model, preprocessor, path: str, class_names, tokens_path: str | None = "auto") -> str:
+def export_text_classifier(
+    model: keras.Model, preprocessor, path: str, class_names, tokens_path: str | None = "auto"
+) -> str:
     """Writes a SavedModel whose `serving_default` signature takes raw strings, and beside it a
     tokens-only SavedModel of plain TF ops (`export_token_classifier`, at `tokens_path`;
     `"auto"`: `tokens_export_dir(path)`, None: not written).

@@ -11,9 +11,8 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
-
 import test_audit as t  # noqa: E402  (the fakes and the setup the tests use)
+from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "research/results/audit.json", "JSON output; Markdown beside it.")
@@ -31,11 +30,22 @@ def main(_):
     rows = []
     for name, setup in ROWS:
         result = t._audit(*t._setup(**setup))
-        rows.append(dict(training=name, empirical_epsilon=result.empirical_epsilon, claimed_epsilon=result.claimed_epsilon,
-                         trials=result.trials, caught=result.empirical_epsilon > result.claimed_epsilon))
+        rows.append(
+            dict(
+                training=name,
+                empirical_epsilon=result.empirical_epsilon,
+                claimed_epsilon=result.claimed_epsilon,
+                trials=result.trials,
+                caught=result.empirical_epsilon > result.claimed_epsilon,
+            )
+        )
         print(json.dumps(rows[-1]), flush=True)
-    lines = [f"{t.TRIALS} + {t.TRIALS} trials, one step, σ = {t.SIGMA}, C = {t.CLIP}, δ = 1e-5; claimed ε = {rows[0]['claimed_epsilon']:.2f}", "",
-             "| training | empirical ε (lower bound) | caught |", "|---|---:|---|"]
+    lines = [
+        f"{t.TRIALS} + {t.TRIALS} trials, one step, σ = {t.SIGMA}, C = {t.CLIP}, δ = 1e-5; claimed ε = {rows[0]['claimed_epsilon']:.2f}",
+        "",
+        "| training | empirical ε (lower bound) | caught |",
+        "|---|---:|---|",
+    ]
     for r in rows:
         caught = "yes" if r["caught"] else "(≤ claimed, as it must be)" if r is rows[0] else "NO"
         lines.append(f"| {r['training']} | {r['empirical_epsilon']:.2f} | {caught} |")

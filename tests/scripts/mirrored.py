@@ -19,10 +19,14 @@ import dp_bitfit_keras as dpk  # noqa: E402
 def build(strategy, sigma, units, accumulation=1, trainable="bias"):
     with strategy.scope():
         keras.utils.set_random_seed(0)
-        base = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(units)])
+        base = keras.Sequential(
+            [keras.Input((6,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(units)]
+        )
         model = dpk.DPModel(base, trainable=trainable)
         model.compile(
-            optimizer=dpk.DPOptimizer(keras.optimizers.SGD(1.0), 1.0, sigma, seed=7, gradient_accumulation_steps=accumulation),
+            optimizer=dpk.DPOptimizer(
+                keras.optimizers.SGD(1.0), 1.0, sigma, seed=7, gradient_accumulation_steps=accumulation
+            ),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
         model.optimizer.build(model.trainable_variables)
@@ -55,7 +59,7 @@ out = {"replicas": mirrored.num_replicas_in_sync}
 # σ = 0: the same update with and without the strategy (clipped sums all-reduced once).
 a, b = update(build(default, 0.0, 3), x, y), update(build(mirrored, 0.0, 3), x, y)
 out["sigma0_max_error"] = max(float(np.abs(u - v).max()) for u, v in zip(a, b))
-out["sigma0_update_norm"] = float(np.sqrt(sum((u ** 2).sum() for u in a)))
+out["sigma0_update_norm"] = float(np.sqrt(sum((u**2).sum() for u in a)))
 # Noise alone on a 4096-wide bias: its std must be σC/B, the single-device value.
 for name, strategy in [("single", default), ("mirrored", mirrored)]:
     model = build(strategy, 2.0, 4096)
@@ -84,6 +88,8 @@ for trainable in ("bias", "all"):
         with strategy.scope():
             model.fit(xs, ys, batch_size=16, epochs=1, verbose=0)
         finals.append([v.numpy() for v in model.trainable_variables])
-        out[f"accumulate_{trainable}_dp_steps_{'mirrored' if strategy is mirrored else 'single'}"] = model.optimizer.dp_steps
+        out[f"accumulate_{trainable}_dp_steps_{'mirrored' if strategy is mirrored else 'single'}"] = (
+            model.optimizer.dp_steps
+        )
     out[f"accumulate_{trainable}_max_error"] = max(float(np.abs(u - v).max()) for u, v in zip(*finals))
 json.dump(out, sys.stdout)

@@ -30,16 +30,21 @@ parser.add_argument("--data_seed", type=int, default=0)
 parser.add_argument("--connect_timeout", type=float, default=60.0)
 parser.add_argument("--dataset", default="arrays")
 parser.add_argument("--heartbeat_timeout", type=float, default=30.0)
-parser.add_argument("--mismatched_seeds_first", action="store_true",
-                    help="first try a fit whose noise seed differs per worker (must be refused), then go on")
+parser.add_argument(
+    "--mismatched_seeds_first",
+    action="store_true",
+    help="first try a fit whose noise seed differs per worker (must be refused), then go on",
+)
 args = parser.parse_args()
 
 if args.ports != "-":
     ports = args.ports.split(",")
-    os.environ["TF_CONFIG"] = json.dumps({
-        "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-        "task": {"type": "worker", "index": args.index},
-    })
+    os.environ["TF_CONFIG"] = json.dumps(
+        {
+            "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+            "task": {"type": "worker", "index": args.index},
+        }
+    )
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -50,8 +55,9 @@ from dp_bitfit_keras import distribute  # noqa: E402
 
 if args.ports != "-":
     try:
-        strategy = distribute.multi_worker_strategy(connect_timeout=args.connect_timeout, collective_timeout=60,
-                                                    heartbeat_timeout=args.heartbeat_timeout)
+        strategy = distribute.multi_worker_strategy(
+            connect_timeout=args.connect_timeout, collective_timeout=60, heartbeat_timeout=args.heartbeat_timeout
+        )
     except distribute.WorkerUnreachableError as e:
         json.dump({"error": type(e).__name__, "message": str(e)}, open(args.out, "w"))
         sys.stdout.flush()
@@ -64,16 +70,17 @@ x = rng.randn(96, 6).astype("float32") * 2
 y = rng.randint(0, 3, 96).astype("int32")
 
 
-
 def build(seed):
     with strategy.scope():
         keras.utils.set_random_seed(0)
         base = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(3)])
         model = dpk.DPModel(base, trainable=args.trainable)
         model.compile(
-            optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.5), 1.0, args.sigma, seed=seed,
-                                      gradient_accumulation_steps=args.accumulation),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"],
+            optimizer=dpk.DPOptimizer(
+                keras.optimizers.SGD(0.5), 1.0, args.sigma, seed=seed, gradient_accumulation_steps=args.accumulation
+            ),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
         )
     return model
 
@@ -97,8 +104,12 @@ class Kill(keras.callbacks.Callback):
 callbacks = [Kill()]
 if args.backup:
     # One backup directory per worker (on several hosts: a local or shared path each).
-    callbacks.insert(0, keras.callbacks.BackupAndRestore(os.path.join(args.backup, f"worker{args.index}"), save_freq=4,
-                                                         delete_checkpoint=False))
+    callbacks.insert(
+        0,
+        keras.callbacks.BackupAndRestore(
+            os.path.join(args.backup, f"worker{args.index}"), save_freq=4, delete_checkpoint=False
+        ),
+    )
 data = (x, y)
 if args.dataset == "shuffled":
     data = (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(96).batch(16, drop_remainder=True),)

@@ -1,6 +1,6 @@
 """A DP fit with BackupAndRestore; kills itself (SIGKILL) after global batch `kill_at` if >= 0.
 
-    python resume.py BACKUP_DIR OUT_JSON KILL_AT
+python resume.py BACKUP_DIR OUT_JSON KILL_AT
 """
 
 import json
@@ -35,13 +35,18 @@ model.compile(
 )
 ds = dpk.poisson_batches((x, y), 0.1, seed=5)  # 10 steps per epoch
 model.fit(
-    ds, epochs=4, verbose=0,
+    ds,
+    epochs=4,
+    verbose=0,
     callbacks=[keras.callbacks.BackupAndRestore(backup_dir, save_freq=3), Kill(), dpk.PrivacyCallback(1e-5)],
 )
 with open(out_path, "w") as f:
-    json.dump({
-        "dp_steps": model.optimizer.dp_steps,
-        "epsilon": model.privacy_spent(1e-5)[0],
-        "noise_multiplier": model.optimizer.noise_multiplier,
-        "weights": [w.tolist() for w in model.get_weights()],
-    }, f)
+    json.dump(
+        {
+            "dp_steps": model.optimizer.dp_steps,
+            "epsilon": model.privacy_spent(1e-5)[0],
+            "noise_multiplier": model.optimizer.noise_multiplier,
+            "weights": [w.tolist() for w in model.get_weights()],
+        },
+        f,
+    )

@@ -1,6 +1,7 @@
 """dp_bitfit_keras: differentially private bias-term fine-tuning (DP-BiTFiT) for Keras 3 on TF."""
 
-from dp_bitfit_keras import audit, methods
+from dp_bitfit_keras import audit, bookkeeping, methods
+from dp_bitfit_keras.biases import add_biases
 from dp_bitfit_keras.callbacks import PrivacyCallback
 from dp_bitfit_keras.gradients import PforFallbackError, PforFallbackWarning, last_pfor_fallbacks, per_example_gradients
 from dp_bitfit_keras.model import DPModel
@@ -18,7 +19,9 @@ __all__ = [
     "PforFallbackWarning",
     "PrivacyCallback",
     "Selection",
+    "add_biases",
     "audit",
+    "bookkeeping",
     "compute_epsilon",
     "enable_lora",
     "last_pfor_fallbacks",

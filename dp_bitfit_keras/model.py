@@ -8,7 +8,7 @@ import warnings
 import keras
 import tensorflow as tf
 
-from dp_bitfit_keras import bookkeeping, distribute, gradients, selection
+from dp_bitfit_keras import biases, bookkeeping, distribute, gradients, selection
 from dp_bitfit_keras.optimizer import DPOptimizer
 from dp_bitfit_keras.privacy import checks, prng, sampling
 
@@ -150,12 +150,21 @@ class DPModel(keras.Model):
         }
         if lora:
             config["lora_layers"] = lora
+        # Biases from add_biases on layers a keras-hub backbone builds itself (its config does
+        # not know of them): added again, before the weights load.
+        biased = [_kernel_prefix(layer) for layer in selection.layers_of(self.model) if biases.was_added(layer)]
+        if biased:
+            config["added_biases"] = biased
         return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         model = keras.saving.deserialize_keras_object(config.pop("model"), custom_objects=custom_objects)
+        biased = set(config.pop("added_biases", None) or ())
+        missing = [layer for layer in selection.layers_of(model) if _kernel_prefix(layer) in biased]
+        if any(biases.lacks_bias(layer) for layer in missing):  # (a plain Keras config already has them)
+            biases.add_biases(model, layers=missing)
         lora = config.pop("lora_layers", None) or {}
         for layer in selection.layers_of(model):
             rank = lora.get(_kernel_prefix(layer))

@@ -15,7 +15,9 @@ import keras
 
 TrainableSpec = str | Callable[[keras.Variable], bool]
 
-MODES = ("bias", "bias+head", "all", "lora", "lora+head")
+MODES = ("bias", "bias+head", "all", "lora", "lora+head", "norm", "norm+head", "bias+norm", "bias+norm+head")
+# The groups a mode joins with "+" (e.g. "bias+norm+head"); "all" stands alone.
+GROUPS = ("bias", "norm", "lora", "head")
 
 # Layers whose `bias` attribute is the additive term of an affine map. Subclasses (keras-hub's
 # CachedMultiHeadAttention projections, ReversibleEmbedding, ...) are covered by isinstance.
@@ -35,6 +37,9 @@ _BIAS_LAYERS = (
 )
 # Normalization layers whose `beta` is a per-feature bias. Their statistics are per example.
 _BETA_LAYERS = (keras.layers.LayerNormalization, keras.layers.GroupNormalization)
+# Normalization layers whose scale is a per-feature multiplier (gamma; keras-hub's RMS norms of
+# Gemma, Llama, Mistral, Qwen call it `scale`). As cheap as a bias: one value per feature.
+_GAMMA_LAYERS = (keras.layers.LayerNormalization, keras.layers.GroupNormalization)
 # Layers that couple the examples of a batch in training mode.
 _BATCH_COUPLING_LAYERS = (keras.layers.BatchNormalization,)
 
@@ -96,6 +101,32 @@ def bias_variables(model: keras.Layer) -> list:
         if candidate is not None:
             found.append(candidate)
     return found
+
+
+def norm_variables(model: keras.Layer) -> list:
+    """Every normalization scale of `model`: the `gamma` of LayerNormalization (RMS form too) and
+    GroupNormalization, and the `scale` (or `gamma`) of any other layer whose class name says it
+    normalizes (keras-hub's RMSNormalization, LlamaLayerNorm, ...). BatchNormalization excluded."""
+    out = []
+    for layer in layers_of(model):
+        if isinstance(layer, _BATCH_COUPLING_LAYERS):
+            continue
+        if isinstance(layer, _GAMMA_LAYERS):
+            candidate = getattr(layer, "gamma", None)
+        elif "Norm" in type(layer).__name__:
+            candidate = next(
+                (
+                    v
+                    for v in layer._trainable_variables + layer._non_trainable_variables
+                    if v.name in ("scale", "gamma")
+                ),
+                None,
+            )
+        else:
+            continue
+        if candidate is not None:
+            out.append(candidate)
+    return out
 
 
 def lora_variables(model: keras.Layer) -> list:
@@ -174,9 +205,10 @@ def select_variables(model: keras.Layer, trainable: TrainableSpec = "bias") -> S
         model: a built Keras model.
         trainable: `"bias"` (DP-BiTFiT), `"bias+head"` (biases plus every variable of the head,
             the last layer with a kernel), `"all"` (full fine-tuning), `"lora"` (the LoRA
-            factors of the layers where `enable_lora(rank)` was called), `"lora+head"` (those
-            and the head), or a callable `variable -> bool` applied to each currently
-            trainable variable.
+            factors of the layers where `enable_lora(rank)` was called), `"norm"` (the
+            normalization scales), any `+`-joined combination of `bias`, `norm`, `lora` and
+            `head` (e.g. `"bias+norm+head"`), or a callable `variable -> bool` applied to each
+            currently trainable variable.
 
     Returns:
         A `Selection`.
@@ -198,28 +230,43 @@ def select_variables(model: keras.Layer, trainable: TrainableSpec = "bias") -> S
     head = None
     if callable(trainable):
         chosen = [v for v in candidates if trainable(v)]
-    elif trainable in MODES:
-        if trainable == "all":
-            chosen = candidates
-        else:
-            if trainable.startswith("lora"):
-                wanted = {id(v) for v in lora_variables(model)}
-                if not wanted:
-                    raise ValueError(
-                        f"trainable={trainable!r}: model '{model.name}' has no LoRA factors. Enable "
-                        "LoRA first: `backbone.enable_lora(rank)` (keras-hub) or "
-                        "`layer.enable_lora(rank)` on Dense/EinsumDense/Embedding layers."
-                    )
-            else:
-                wanted = {id(v) for v in bias_variables(model)}
-            if trainable.endswith("+head"):
-                head_layer_ = head_layer(model)
-                if head_layer_ is not None:
-                    head = head_layer_.name
-                    wanted |= {id(v) for v in head_layer_.variables}
-            chosen = [v for v in candidates if id(v) in wanted]
+    elif trainable == "all":
+        chosen = candidates
+    elif isinstance(trainable, str) and trainable and set(trainable.split("+")) <= set(GROUPS):
+        parts = trainable.split("+")
+        wanted = set()
+        if "bias" in parts:
+            biases = bias_variables(model)
+            if not biases:
+                raise ValueError(
+                    f"trainable={trainable!r}: model '{model.name}' has no bias terms (the projections of "
+                    "Gemma, Llama, Mistral and Qwen3 have none). Add zero-initialised ones first with "
+                    "`dp_bitfit_keras.add_biases(model)` (the model computes the same), or train the "
+                    "normalization scales (trainable='norm') or LoRA factors (`enable_lora`, trainable='lora')."
+                )
+            wanted |= {id(v) for v in biases}
+        if "norm" in parts:
+            wanted |= {id(v) for v in norm_variables(model)}
+        if "lora" in parts:
+            factors = lora_variables(model)
+            if not factors:
+                raise ValueError(
+                    f"trainable={trainable!r}: model '{model.name}' has no LoRA factors. Enable "
+                    "LoRA first: `backbone.enable_lora(rank)` (keras-hub) or "
+                    "`layer.enable_lora(rank)` on Dense/EinsumDense/Embedding layers."
+                )
+            wanted |= {id(v) for v in factors}
+        if "head" in parts:
+            head_layer_ = head_layer(model)
+            if head_layer_ is not None:
+                head = head_layer_.name
+                wanted |= {id(v) for v in head_layer_.variables}
+        chosen = [v for v in candidates if id(v) in wanted]
     else:
-        raise ValueError(f"trainable must be one of {MODES} or a callable(variable) -> bool; got {trainable!r}.")
+        raise ValueError(
+            f"trainable must be one of {MODES}, another '+'-joined combination of {GROUPS}, or a "
+            f"callable(variable) -> bool; got {trainable!r}."
+        )
     if not chosen:
         raise ValueError(
             f"trainable={trainable!r} selects no variable of model '{model.name}': it has "

@@ -71,8 +71,11 @@ def test_custom_layer_bias_by_name():
 
 def test_no_selectable_variable_is_a_clear_error():
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, use_bias=False)])
-    with pytest.raises(ValueError, match="selects no variable"):
+    with pytest.raises(ValueError, match=r"has no bias terms.*add_biases\(model\).*trainable='lora'"):
         selection.select_variables(model, "bias")
+    model.layers[-1].trainable = False
+    with pytest.raises(ValueError, match="selects no variable"):
+        selection.select_variables(model, "all")
 
 
 def test_unknown_mode_is_a_clear_error():

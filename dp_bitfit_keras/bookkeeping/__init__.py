@@ -222,8 +222,21 @@ def clipped_sums(
                     found.setdefault(id(v), []).append(None)
             continue
         for v, squared, weighted_sum in terms:
-            found.setdefault(id(v), []).append((squared, weighted_sum))
-    direct = {i: terms[0] for i, terms in found.items() if len(terms) == 1 and terms[0] is not None}
+            found.setdefault(id(v), []).append((squared, weighted_sum, use, g))
+    direct = {}
+    for v in variables:
+        entries = found.get(id(v))
+        if not entries or any(e is None for e in entries):
+            continue
+        if len(entries) == 1:
+            direct[id(v)] = entries[0][:2]
+            continue
+        # A variable several calls use (a tied embedding): its rule may combine the uses exactly.
+        combine = getattr(entries[0][2].rule, "combine", None)
+        if combine is not None and all(e[2].rule is entries[0][2].rule for e in entries):
+            combined = combine(v, [e[2:] for e in entries], [e[:2] for e in entries])
+            if combined is not None:
+                direct[id(v)] = combined
     rest = [v for v in variables if id(v) not in direct]
     _state.last_fallbacks = tuple(getattr(v, "path", v.name) for v in rest)
     if rest:

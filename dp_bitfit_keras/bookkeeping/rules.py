@@ -8,6 +8,7 @@ norms and a weighted-sum function (`terms`). `register_layer_rule` adds one, for
 
 from __future__ import annotations
 
+import importlib
 import math
 import string
 
@@ -374,31 +375,60 @@ class ViTEmbeddingRule(LayerRule):
 
 
 class EmbeddingRule(LayerRule):
-    """`Embedding` (and keras-hub's `ReversibleEmbedding` in its forward use), with exact handling
-    of a token repeated within one example. A reverse use (a tied output projection) is not
-    covered: the embedding falls back."""
+    """`Embedding` and `ReversibleEmbedding`, with exact handling of a token repeated within one
+    example. A reverse use (the output projection `h Eᵀ` of keras-hub's GPT-2 and Gemma) is an
+    einsum of the hidden states and the logits' gradient; when the same matrix serves both uses
+    (tied weights) the example's gradient is the sum of both, and its squared norm adds their
+    cross term (`combine`), so no `[batch, vocabulary, hidden]` tensor is ever formed."""
 
     def variables(self, layer):
-        if (
+        if not (
             isinstance(layer, keras.layers.Embedding)
             and _plain(layer)
             and not getattr(layer, "lora_enabled", False)
             and _own_call(layer, *_embedding_bases())
         ):
-            return {"embeddings": layer._embeddings}
-        return {}
+            return {}
+        out = {"embeddings": layer._embeddings}
+        if not getattr(layer, "tie_weights", True) and getattr(layer, "reverse_embeddings", None) is not None:
+            out["reverse"] = layer.reverse_embeddings
+        return out
 
     def recording_call(self, layer, original, uses):
         def call(inputs, *args, **kwargs):
-            out = original(inputs, *args, **kwargs)
             reverse = kwargs.get("reverse", args[0] if args else False)
-            uses.append(Use(self, layer, inputs, out, supported=not reverse))
-            return out
+            if not reverse:
+                out = original(inputs, *args, **kwargs)
+                uses.append(Use(self, layer, inputs, out, reverse=False))
+                return out
+            # keras(-hub) ReversibleEmbedding's reverse call, with the logits before any soft cap.
+            tied = layer.tie_weights
+            kernel = keras.ops.transpose(layer.embeddings) if tied else layer.reverse_embeddings
+            if layer.reverse_dtype is not None:
+                inputs = keras.ops.cast(inputs, layer.reverse_dtype)
+                kernel = keras.ops.cast(kernel, layer.reverse_dtype)
+            logits = keras.ops.matmul(inputs, kernel)
+            uses.append(Use(self, layer, inputs, logits, reverse=True, tied=tied))
+            if layer.logit_soft_cap is not None:
+                cap = layer.logit_soft_cap
+                logits = keras.ops.multiply(keras.ops.tanh(keras.ops.divide(logits, cap)), cap)
+            return logits
 
         return call
 
     def terms(self, use, g, wanted):
+        if use.info["reverse"]:
+            tied = use.info["tied"]
+            v = wanted("embeddings" if tied else "reverse")
+            if v is None:
+                return []
+            x = tf.cast(use.inputs, tf.float32)
+            middle = _LETTERS[26 : 26 + len(x.shape) - 2]
+            kernel = "yx" if tied else "xy"  # tied: E is [vocabulary, hidden]
+            return [(v, *_einsum_terms(f"b{middle}x,{kernel}->b{middle}y", x, g))]
         v = wanted("embeddings")
+        if v is None:
+            return []
         g = _flatten_positions(g)
         ids = tf.reshape(tf.cast(use.inputs, tf.int32), [tf.shape(g)[0], g.shape[1] or -1])
         same = tf.cast(tf.equal(ids[:, :, None], ids[:, None, :]), tf.float32)
@@ -409,6 +439,28 @@ class EmbeddingRule(LayerRule):
             return tf.math.unsorted_segment_sum(rows_g, tf.reshape(ids, [-1]), rows)
 
         return [(v, squared, weighted_sum)]
+
+    def combine(self, variable, uses_and_grads, terms):
+        """One forward lookup and one tied reverse use of `variable`: (squared norms, weighted sum)
+        of the example's whole gradient, ‖∇₁ + ∇₂‖² = ‖∇₁‖² + ‖∇₂‖² + 2⟨∇₁, ∇₂⟩. With ∇₁ the rows
+        g₁ₜ at the tokens idₜ and ∇₂ = Σₛ g₂ₛ ⊗ hₛ: ⟨∇₁, ∇₂⟩ = Σₛₜ g₂[s, idₜ] ⟨hₛ, g₁ₜ⟩."""
+        kinds = [use.info.get("reverse") for use, _ in uses_and_grads]
+        if sorted(kinds) != [False, True] or not all(use.info.get("tied", True) for use, _ in uses_and_grads):
+            return None
+        forward = kinds.index(False)
+        (f_use, f_g), (r_use, r_g) = uses_and_grads[forward], uses_and_grads[1 - forward]
+        g1 = _flatten_positions(f_g)
+        ids = tf.reshape(tf.cast(f_use.inputs, tf.int32), [tf.shape(g1)[0], g1.shape[1] or -1])
+        h = _flatten_positions(tf.cast(r_use.inputs, tf.float32))
+        g2 = _flatten_positions(r_g)
+        at_tokens = tf.gather(g2, ids, axis=2, batch_dims=1)  # [B, S, T]: g₂[s, idₜ]
+        cross = tf.reduce_sum(at_tokens * tf.einsum("bsd,btd->bst", h, g1), [1, 2])
+        (sq_f, ws_f), (sq_r, ws_r) = terms[forward], terms[1 - forward]
+
+        def weighted_sum(weights, keep):
+            return ws_f(weights, keep) + ws_r(weights, keep)
+
+        return sq_f + sq_r + 2.0 * cross, weighted_sum
 
 
 class PositionEmbeddingRule(LayerRule):
@@ -482,6 +534,62 @@ class LayerNormRule(LayerRule):
         return terms
 
 
+def _rms_norm_types():
+    """keras-hub's RMS normalizations (Gemma's out = n(x)·(1 + scale), Llama's, Mistral's and
+    Qwen's out = n(x)·scale, n(x) = x / √(mean(x²) + ε)), by exact type: a subclass may compute
+    something else."""
+    found = []
+    for module, name in (
+        ("keras_hub.src.models.gemma.rms_normalization", "RMSNormalization"),
+        ("keras_hub.src.models.gemma3.gemma3_layers", "RMSNormalization"),
+        ("keras_hub.src.models.llama.llama_layernorm", "LlamaLayerNorm"),
+        ("keras_hub.src.models.mistral.mistral_layer_norm", "MistralLayerNormalization"),
+        ("keras_hub.src.models.qwen.qwen_layernorm", "QwenLayerNorm"),
+        ("keras_hub.src.models.qwen3.qwen3_layernorm", "Qwen3LayerNorm"),
+    ):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except Exception:  # keras-hub absent, or a version without this model
+            continue
+    return tuple(found)
+
+
+class RMSNormRule(LayerRule):
+    """RMS normalization scales: keras-hub's (Gemma, Llama, Mistral, Qwen) and Keras'
+    `LayerNormalization(rms_scaling=True)`. The output is n(x) times an affine function of the
+    scale, so an example's scale gradient is Σ_t g_t ⊙ n(x_t), whatever the offset."""
+
+    def variables(self, layer):
+        if type(layer) in _rms_norm_types():
+            return {"scale": layer.scale}
+        if (
+            type(layer) is keras.layers.LayerNormalization
+            and getattr(layer, "rms_scaling", False)
+            and getattr(layer, "gamma", None) is not None
+        ):
+            return {"scale": layer.gamma}
+        return {}
+
+    def recording_call(self, layer, original, uses):
+        def call(inputs, *args, **kwargs):
+            out = original(inputs, *args, **kwargs)
+            if isinstance(layer, keras.layers.LayerNormalization) and not _normalizes_last_axis(
+                layer, len(inputs.shape)
+            ):
+                uses.append(Use(self, layer, inputs, out, supported=False))
+                return out
+            x = tf.cast(inputs, tf.float32)
+            normalized = x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), axis=-1, keepdims=True) + layer.epsilon)
+            uses.append(Use(self, layer, normalized, out))
+            return out
+
+        return call
+
+    def terms(self, use, g, wanted):
+        v = wanted("scale")
+        return [(v, *direct_terms(_reduce_to(g * use.inputs, v.shape)))] if v is not None else []
+
+
 class PerExampleGradientRule(LayerRule):
     """A rule from a function of per-example gradients, for a custom leaf layer: `fn(layer,
     inputs, output_grad)` returns {variable.path: `[B, *variable.shape]`} from the layer's input
@@ -523,4 +631,5 @@ BUILTIN_RULES = (
     EmbeddingRule(),
     PositionEmbeddingRule(),
     LayerNormRule(),
+    RMSNormRule(),
 )

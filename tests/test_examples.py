@@ -557,3 +557,83 @@ def test_run_result_as_dict_does_not_copy_the_model():
 
     result = recipes.RunResult("dp_lora", 8.0, 1e-5, 1.0, 0.8, 0.8, 1.0, 10, 0.1, 3, model=Uncopyable())
     assert result.as_dict()["method"] == "dp_lora" and "model" not in result.as_dict()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dp_bitfit_norm", "full", "dpzero"])
+def test_causal_lm_example_pretrains_fine_tunes_exports_scores_and_generates(tmp_path, monkeypatch, method):
+    monkeypatch.setenv("DP_BITFIT_KERAS_CACHE", str(tmp_path / "cache"))
+    export_dir = str(tmp_path / "lm" / "1")
+    argv = [
+        f"--method={method}",
+        "--pretrain_steps=3",
+        "--max_examples=80",
+        "--sequence_length=32",
+        "--epochs=1",
+        "--batch_size=16",
+        f"--export_dir={export_dir}",
+        f"--summary_json={tmp_path / 'summary.json'}",
+    ]
+    summary, _ = _run_example("train_causal_lm", argv)
+    assert summary["pretraining"]["trained_now"] and os.path.exists(summary["pretraining"]["weights"])
+    private = method != "full"
+    assert (0 < summary["epsilon"] <= 8.0 + 1e-6) if private else summary["epsilon"] == float("inf")
+    for key in ("pretrained_validation_perplexity", "validation_perplexity", "test_perplexity"):
+        assert 1.0 < summary[key] < 300.0, (key, summary[key])
+    assert len(summary["samples"]) == 3 and all(isinstance(s, str) for s in summary["samples"])
+    assert os.path.exists(str(tmp_path / "summary.md"))
+    # A second run reuses the cached pretrained weights.
+    again, _ = _run_example("train_causal_lm", argv)
+    assert not again["pretraining"]["trained_now"]
+    assert again["pretrained_test_perplexity"] == pytest.approx(summary["pretrained_test_perplexity"], rel=1e-5)
+    # A fresh process (no dp_bitfit_keras, no keras-hub) scores and continues raw strings.
+    code = (
+        "import json, sys, tensorflow as tf\n"
+        "m = tf.saved_model.load(sys.argv[1])\n"
+        "s = m.score(tf.constant(['hello there', 'hi']))\n"
+        "g = m.generate(tf.constant(['I love']), tf.constant(5), tf.constant(0.0), tf.constant(0))\n"
+        "print(json.dumps({'ll': s['log_likelihood'].numpy().tolist(), 'bytes': s['bytes'].numpy().tolist(),\n"
+        "                  'text': g['text'].numpy()[0].decode('utf-8', 'replace')}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, export_dir], capture_output=True, text=True, check=True)
+    served = json.loads(out.stdout.strip().splitlines()[-1])
+    assert served["bytes"] == [10.0, 1.0] and all(v < 0 for v in served["ll"])
+    assert served["text"].startswith("I love") and len(served["text"].encode()) > len("I love")
+
+
+@pytest.fixture
+def tiny_gpt2_preset(tmp_path):
+    """A local keras-hub GPT-2 preset (tiny BPE vocabulary): the --preset path without the network."""
+    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate("abcdefghijklmnopqrstuvwxyzĠ")}, "Ġa": 28}
+    tokenizer = keras_hub.models.GPT2Tokenizer(vocabulary=vocab, merges=["Ġ a"])
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=len(vocab),
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=32,
+    )
+    preprocessor = keras_hub.models.GPT2CausalLMPreprocessor(tokenizer, sequence_length=16)
+    path = str(tmp_path / "gpt2_preset")
+    keras_hub.models.GPT2CausalLM(backbone, preprocessor=preprocessor).save_to_preset(path)
+    return path
+
+
+@pytest.mark.slow
+def test_causal_lm_example_with_a_keras_hub_preset(tiny_gpt2_preset, tmp_path):
+    export_dir = str(tmp_path / "lm" / "1")
+    summary, _ = _run_example(
+        "train_causal_lm",
+        [
+            f"--preset={tiny_gpt2_preset}",
+            "--method=dp_bitfit",
+            "--max_examples=80",
+            "--sequence_length=16",
+            "--epochs=1",
+            "--batch_size=16",
+            f"--export_dir={export_dir}",
+        ],
+    )
+    assert 0 < summary["epsilon"] <= 8.0 + 1e-6 and summary["steps"] > 0
+    assert summary["test_perplexity"] > 1.0 and os.path.exists(os.path.join(export_dir, "saved_model.pb"))

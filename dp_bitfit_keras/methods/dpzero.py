@@ -13,6 +13,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from dp_bitfit_keras import gradients
 from dp_bitfit_keras.model import DPModel, example_mask
 from dp_bitfit_keras.privacy import clipping, prng
 
@@ -56,10 +57,11 @@ class DPZeroModel(DPModel):
         )
 
     def _example_losses(self, x, y, sample_weight):
+        """Each example's weighted loss (per-token weights: the weighted mean over its tokens)."""
         y_pred = self.model(x, training=False)
-        losses = self._per_example_loss(y, y_pred)
-        losses = tf.reshape(tf.cast(losses, tf.float32), [tf.shape(losses)[0], -1])
-        return tf.reduce_mean(losses, axis=1), y_pred
+        losses = tf.cast(self._per_example_loss(y, y_pred), tf.float32)
+        _, weighted = gradients.weighted_example_losses(losses, sample_weight)
+        return weighted, y_pred
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -79,9 +81,7 @@ class DPZeroModel(DPModel):
             minus, y_pred = self._example_losses(x, y, sample_weight)
         with tf.control_dependencies([minus]):
             shift(lam)  # back to θ (up to float rounding of ±λz)
-        scalars = (plus - minus) / (2.0 * lam)
-        if sample_weight is not None:
-            scalars = scalars * tf.cast(tf.reshape(sample_weight, [-1]), tf.float32)
+        scalars = (plus - minus) / (2.0 * lam)  # of the weighted losses: weights applied once
         mask = example_mask(sample_weight)
         with tf.control_dependencies([minus]):
             projected = private_projection(self.optimizer, scalars, z, variables, mask)

@@ -379,9 +379,7 @@ class DPOptimizer(keras.optimizers.Optimizer):
     def _below(self, norms, clip, mask):
         if self.target_unclipped_quantile is None:
             return tf.constant(0.0)
-        # Adaptive clipping's count query: Σ over real examples of 1[‖g‖ ≤ C] − ½.
-        real = tf.ones_like(norms) if mask is None else tf.cast(tf.reshape(mask, [-1]) > 0, tf.float32)
-        return tf.reduce_sum(real * (tf.cast(norms <= clip, tf.float32) - 0.5))
+        return clipping_lib.unclipped_count_minus_half(norms, clip, mask)
 
     # --- Hooks for methods built on this step (SPARTA, DPZero) ------------------------------
 

@@ -4,6 +4,7 @@ rule for a custom layer is exact and silences the fallback."""
 import warnings
 
 import keras
+import keras_hub
 import pytest
 import tensorflow as tf
 from conftest import assert_gradients_close
@@ -18,6 +19,9 @@ LAYERS = [
     (rules.ConvRule, lambda: keras.layers.Conv1D(3, 2), (6, 2)),
     (rules.EmbeddingRule, lambda: keras.layers.Embedding(7, 3), (4,)),
     (rules.LayerNormRule, lambda: keras.layers.LayerNormalization(), (4, 5)),
+    (rules.RMSNormRule, lambda: keras.layers.RMSNormalization(), (4, 5)),
+    (rules.PositionEmbeddingRule, lambda: keras_hub.layers.PositionEmbedding(6), (6, 3)),
+    (rules.EmbeddingRule, lambda: keras_hub.layers.ReversibleEmbedding(7, 3, tie_weights=False), (4,)),
 ]
 
 
@@ -87,3 +91,18 @@ def test_bad_registrations_are_refused():
         bookkeeping.register_layer_rule(Scale)
     with pytest.raises(ValueError, match="LayerRule alone"):
         bookkeeping.register_layer_rule(rules.EinsumRule(), _scale_grads)
+
+
+@pytest.mark.parametrize("norm", [keras.layers.RMSNormalization, keras.layers.LayerNormalization])
+def test_norm_scales_are_exact_by_book_keeping(norm):
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((3, 4))
+    h = norm()(keras.layers.Dense(4)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(h)))
+    for i, v in enumerate(model.weights):
+        v.assign(v + tf.random.stateless_normal(v.shape, [2, i], stddev=0.3))
+    x, y = tf.random.normal((BATCH, 3, 4)), tf.constant([0, 1, 2, 1])
+    variables = list(model.trainable_variables)
+    assert bookkeeping.covered_variables(model, variables)[1] == []
+    actual, expected, _ = _both(model, x, y, variables, clip=0.05)
+    assert_gradients_close(actual, expected)

@@ -556,30 +556,28 @@ def _rms_norm_types():
 
 class RMSNormRule(LayerRule):
     """RMS normalization scales: keras-hub's (Gemma, Llama, Mistral, Qwen) and Keras'
-    `LayerNormalization(rms_scaling=True)`. The output is n(x) times an affine function of the
-    scale, so an example's scale gradient is Σ_t g_t ⊙ n(x_t), whatever the offset."""
+    `RMSNormalization` over the last axis. The output is n(x) = x / √(mean(x²) + ε) times an affine
+    function of the scale, so an example's scale gradient is Σ_t g_t ⊙ n(x_t), whatever the offset.
+    (Keras' deprecated `LayerNormalization(rms_scaling=True)` divides by the centred variance
+    instead: not covered, it falls back.)"""
 
     def variables(self, layer):
         if type(layer) in _rms_norm_types():
             return {"scale": layer.scale}
-        if (
-            type(layer) is keras.layers.LayerNormalization
-            and getattr(layer, "rms_scaling", False)
-            and getattr(layer, "gamma", None) is not None
-        ):
-            return {"scale": layer.gamma}
+        rms = getattr(keras.layers, "RMSNormalization", None)
+        if rms is not None and type(layer) is rms and getattr(layer, "scale", None) is not None:
+            return {"scale": layer.scale}
         return {}
 
     def recording_call(self, layer, original, uses):
         def call(inputs, *args, **kwargs):
             out = original(inputs, *args, **kwargs)
-            if isinstance(layer, keras.layers.LayerNormalization) and not _normalizes_last_axis(
-                layer, len(inputs.shape)
-            ):
+            if hasattr(layer, "axis") and not _normalizes_last_axis(layer, len(inputs.shape)):
                 uses.append(Use(self, layer, inputs, out, supported=False))
                 return out
+            epsilon = keras.backend.epsilon() if layer.epsilon is None else layer.epsilon
             x = tf.cast(inputs, tf.float32)
-            normalized = x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), axis=-1, keepdims=True) + layer.epsilon)
+            normalized = x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), axis=-1, keepdims=True) + epsilon)
             uses.append(Use(self, layer, normalized, out))
             return out
 

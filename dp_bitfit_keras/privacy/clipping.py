@@ -3,7 +3,8 @@
 Vectorized over the batch (TF Privacy's `preprocess_record` inside `vectorized_map` falls back to
 a slow while_loop). Every clipping style bounds an example's whole clipped gradient by C, so the
 sensitivity of the sum, and with it the noise and ε, are the same for all of them. Adaptive
-clipping moves C between steps; its noisy count lives with the noise queries (`queries`).
+clipping moves C between steps from a noisy count of the unclipped examples: the count is here,
+its noise and the update of C are TF Privacy's quantile query (`queries`).
 """
 
 from __future__ import annotations
@@ -141,3 +142,11 @@ def clipped_sum(per_example_grads, l2_norm_clip, clipping="abadi", mask=None, gr
         for g, k in zip(per_example_grads, index)
     ]
     return sums, norms
+
+
+def unclipped_count_minus_half(norms, l2_norm_clip, mask=None):
+    """Adaptive clipping's count query (Andrew et al. 2021): Σ over the real examples of
+    1[‖g‖ ≤ C] − ½. Each example moves it by ½ at most (its sensitivity); the noised count moves
+    C towards the target quantile of the norms (`queries.SeededQuantileAdaptiveClipSumQuery`)."""
+    real = tf.ones_like(norms) if mask is None else tf.cast(tf.reshape(mask, [-1]) > 0, tf.float32)
+    return tf.reduce_sum(real * (tf.cast(norms <= l2_norm_clip, tf.float32) - 0.5))

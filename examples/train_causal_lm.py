@@ -42,8 +42,24 @@ METHODS = {
     "lora": ("lora", False),
     "full": ("all", False),
 }
-# Adam rates per variable group (DPZero: SGD, its own scale).
-LEARNING_RATES = {"bias": 1e-2, "norm": 1e-2, "bias+norm": 1e-2, "lora": 3e-3, "all": 5e-4}
+# Adam rates per variable group, private and not (DPZero: SGD, its own scale). The private ones
+# are the best of the runs in research/results/causal_lm (validation perplexity, ε = 8, 10 epochs);
+# the non-private ones were not tuned.
+LEARNING_RATES = {
+    (True, "bias"): 3e-2,
+    (True, "norm"): 3e-2,
+    (True, "bias+norm"): 3e-2,
+    (True, "lora"): 1e-2,
+    (True, "all"): 2e-3,
+    (False, "bias"): 1e-2,
+    (False, "norm"): 1e-2,
+    (False, "bias+norm"): 1e-2,
+    (False, "lora"): 3e-3,
+    (False, "all"): 5e-4,
+}
+# Epochs: private runs take more, smaller steps (10: 380 steps at the defaults); the non-private
+# comparison is measured at 3.
+EPOCHS = {True: 10, False: 3}
 DPZERO_LEARNING_RATE, DPZERO_CLIP = 1e-3, 1.0
 LORA_RANK = 8
 PROMPTS = ("I love", "today is", "my phone")
@@ -52,7 +68,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("method", "dp_bitfit_norm", sorted(METHODS), "What to fine-tune, privately or not.")
 flags.DEFINE_float("epsilon", 8.0, "Target ε of the private run.")
 flags.DEFINE_float("delta", None, "δ; default 1/(2n).")
-flags.DEFINE_integer("epochs", 3, "Epochs over the private training tweets.")
+flags.DEFINE_integer("epochs", None, "Epochs over the training tweets; default 10 private, 3 non-private.")
 flags.DEFINE_integer("batch_size", 128, "Expected (Poisson) batch size of the private run; fixed otherwise.")
 flags.DEFINE_integer("max_examples", 6000, "Tweets used (80/10/10 split); 0: the whole corpus.")
 flags.DEFINE_integer("sequence_length", 128, "Bytes per tweet (longer ones are cut).")
@@ -121,7 +137,10 @@ def run():
         model.backbone.enable_lora(LORA_RANK)
     if "bias" in variables and not dpk.selection.bias_variables(model):
         dpk.add_biases(model)  # bias-free presets (Gemma, Llama): zero biases, the same function
-    rate = FLAGS.learning_rate or (DPZERO_LEARNING_RATE if FLAGS.method == "dpzero" else LEARNING_RATES[variables])
+    rate = FLAGS.learning_rate or (
+        DPZERO_LEARNING_RATE if FLAGS.method == "dpzero" else LEARNING_RATES[(private, variables)]
+    )
+    epochs = FLAGS.epochs or EPOCHS[private]
     timer = _Timer()
     callbacks = [timer]
     x, y, w = train
@@ -137,9 +156,7 @@ def run():
             optimizer=dpk.DPOptimizer(inner, clip, target_epsilon=FLAGS.epsilon, target_delta=delta), loss=lm.TOKEN_LOSS
         )
         callbacks.insert(0, dpk.PrivacyCallback(delta))
-        trainer.fit(
-            x, y, sample_weight=w, batch_size=FLAGS.batch_size, epochs=FLAGS.epochs, callbacks=callbacks, verbose=2
-        )
+        trainer.fit(x, y, sample_weight=w, batch_size=FLAGS.batch_size, epochs=epochs, callbacks=callbacks, verbose=2)
         epsilon = trainer.privacy_spent(delta)[0]
         steps = trainer.optimizer.dp_steps
         trainable = trainer.selection.num_trainable
@@ -149,7 +166,7 @@ def run():
         model.compile(optimizer=keras.optimizers.Adam(rate), loss=lm.TOKEN_LOSS, jit_compile=True)
         # keras-hub's fit turns arrays into a dataset and then ignores `shuffle`: shuffle here.
         data = tf.data.Dataset.from_tensor_slices((x, y, w)).shuffle(n, seed=FLAGS.seed, reshuffle_each_iteration=True)
-        model.fit(data.batch(FLAGS.batch_size), epochs=FLAGS.epochs, callbacks=callbacks, shuffle=False, verbose=2)
+        model.fit(data.batch(FLAGS.batch_size), epochs=epochs, callbacks=callbacks, shuffle=False, verbose=2)
         epsilon, steps, trainable = math.inf, len(timer.times), selection.num_trainable
     tuned_ppl = _perplexities(model, validation, test)
     export_dir = FLAGS.export_dir or os.path.join(
@@ -172,7 +189,7 @@ def run():
         steps=steps,
         trainable_params=int(trainable),
         learning_rate=rate,
-        epochs=FLAGS.epochs,
+        epochs=epochs,
         batch_size=FLAGS.batch_size,
         train_examples=n,
         pretrained_validation_perplexity=pretrained_ppl[0],

@@ -23,23 +23,25 @@ RUNS = os.path.join(ROOT, "research", "results", "causal_lm")
 def table(rows) -> str:
     full = next((r for r in rows if r["method"] == "full"), None)
     out = [
-        "| method | trains | ε | steps | val ppl | test ppl | gap closed | ms/step | wall |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | trains (parameters) | Adam lr × epochs | ε | steps | val ppl | test ppl | gap closed | ms/step | wall |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     if rows:
         r = rows[0]
         out.append(
-            f"| pretrained (public text only) | – | – | – | {r['pretrained_validation_perplexity']:.3f} | "
+            f"| pretrained (public text only) | – | – | – | – | {r['pretrained_validation_perplexity']:.3f} | "
             f"{r['pretrained_test_perplexity']:.3f} | 0% | – | – |"
         )
-    for r in sorted(rows, key=lambda r: (r["epsilon"] == math.inf, r["method"], r["epsilon"])):
+    for r in sorted(rows, key=lambda r: (r["epsilon"] == math.inf, r["method"], -r["epsilon"], r["epochs"])):
         eps = "∞" if r["epsilon"] == math.inf else f"{r['epsilon']:.2f}"
         closed = "–"
         if full is not None:
             gap = r["pretrained_test_perplexity"] - full["test_perplexity"]
             closed = f"{100 * (r['pretrained_test_perplexity'] - r['test_perplexity']) / gap:.0f}%" if gap > 0 else "–"
+        optimizer = "SGD " if r["method"] == "dpzero" else ""
         out.append(
-            f"| {r['method']} | {r['variables']} ({r['trainable_params']:,}) | {eps} | {r['steps']} | "
+            f"| {r['method']} | {r['variables']} ({r['trainable_params']:,}) | "
+            f"{optimizer}{r['learning_rate']:g} × {r['epochs']} | {eps} | {r['steps']} | "
             f"{r['validation_perplexity']:.3f} | {r['test_perplexity']:.3f} | {closed} | "
             f"{r['ms_per_step']:.0f} | {r['wall_s'] / 60:.1f} min |"
         )

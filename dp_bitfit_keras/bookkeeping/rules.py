@@ -42,8 +42,16 @@ class LayerRule:
         raise NotImplementedError
 
     def recording_call(self, layer, original, uses: list):
-        """A replacement for `layer.call` that computes the same output and appends a `Use`."""
-        raise NotImplementedError
+        """A replacement for `layer.call` that computes the same output and appends a `Use`.
+
+        By default: the layer's own call, recording its first input and its output."""
+
+        def call(inputs, *args, **kwargs):
+            out = original(inputs, *args, **kwargs)
+            uses.append(Use(self, layer, inputs, out))
+            return out
+
+        return call
 
     def terms(self, use: Use, g, wanted):
         """[(variable, squared norms `[B]`, weighted_sum(weights, keep))] for the variables of
@@ -357,14 +365,6 @@ class ViTEmbeddingRule(LayerRule):
     def inner_layers(self, layer):
         return [layer.position_embedding]
 
-    def recording_call(self, layer, original, uses):
-        def call(inputs, *args, **kwargs):
-            out = original(inputs, *args, **kwargs)
-            uses.append(Use(self, layer, inputs, out))
-            return out
-
-        return call
-
     def terms(self, use, g, wanted):
         terms = []
         if (v := wanted("class_token")) is not None:
@@ -600,14 +600,6 @@ class PerExampleGradientRule(LayerRule):
         if not isinstance(layer, self.layer_type):
             return {}
         return {getattr(v, "path", v.name): v for v in layer.weights}
-
-    def recording_call(self, layer, original, uses):
-        def call(inputs, *args, **kwargs):
-            out = original(inputs, *args, **kwargs)
-            uses.append(Use(self, layer, inputs, out))
-            return out
-
-        return call
 
     def terms(self, use, g, wanted):
         grads = self.fn(use.layer, use.inputs, g)

@@ -15,7 +15,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 from dpk_examples import example_flags, recipes, tasks  # noqa: E402
 
@@ -123,6 +123,7 @@ def run():
 
 
 def main(_):
+    logging.set_verbosity(logging.WARNING)  # not a page of INFO lines from the SavedModel export
     run()
 
 

@@ -17,7 +17,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 from dpk_examples import example_flags, recipes, tasks, text  # noqa: E402
 
@@ -135,6 +135,7 @@ def summary_table(summary, data):
 
 
 def main(_):
+    logging.set_verbosity(logging.WARNING)  # not a page of INFO lines from the SavedModel export
     run()
 
 

@@ -232,7 +232,9 @@ def pretrained(
     model = build_model(length, hidden, layers)
     info = dict(config, weights=path, trained_now=False)
     if os.path.exists(path):
-        model.load_weights(path)
+        with warnings.catch_warnings():  # the file also holds the pretraining optimizer's state
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            model.load_weights(path)
         return model, info
     chunks = public_chunks(length)
     x = {"token_ids": chunks[:, :-1], "padding_mask": np.ones_like(chunks[:, :-1], bool)}

@@ -214,7 +214,7 @@ def pretrain_config(length: int, steps: int, batch_size: int, hidden: int, layer
 
 def pretrained(
     length: int = 128,
-    steps: int = 1500,
+    steps: int = 2400,
     batch_size: int = 32,
     hidden: int = 128,
     layers: int = 4,

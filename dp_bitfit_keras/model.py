@@ -526,7 +526,7 @@ class DPModel(keras.Model):
                 target_epsilon=-1 if optimizer.target_epsilon is None else optimizer.target_epsilon,
                 l2_norm_clip=optimizer.l2_norm_clip,
                 dp_steps=optimizer.dp_steps,
-                batches_seen=int(optimizer.batches_seen),
+                batches_seen=optimizer.batches_seen,
                 weights=distribute.fingerprint(self.model.weights),
             )
             distribute.check_workers_agree(strategy, facts)
@@ -620,7 +620,7 @@ class DPModel(keras.Model):
             sampler = getattr(x, "dp_sampler", None)
             if sampler is not None:
                 examples = sampler.examples
-                if isinstance(examples, tuple) and len(examples) == 2:
+                if isinstance(examples, tuple) and len(examples) in (2, 3):  # (x, y[, sample_weight])
                     self._check_labels(examples[0], examples[1])
                 return x, sampler.sampling_rate, sampler.expected_batch_size, sampler.num_examples
             if sampling_rate is None:
@@ -697,18 +697,18 @@ class _LedgerSync(keras.callbacks.Callback):
                 strategy,
                 dict(
                     dp_steps=optimizer.dp_steps,
-                    batches_seen=int(optimizer.batches_seen),
+                    batches_seen=optimizer.batches_seen,
                     noise_multiplier=optimizer.noise_multiplier,
                     weights=distribute.fingerprint(self.model.weights),
                 ),
             )
-        seen = int(optimizer.batches_seen)
+        seen = optimizer.batches_seen
         if seen > 0:
             _revive_merged_lora(self.model.model, seen)
         # A run from an empty ledger ends exactly at its plan: only a restored (or continued)
         # ledger needs the per-step check, which reads the device each step.
         self._check_plan = seen > 0
-        self._planned = int(optimizer.planned_dp_steps)
+        self._planned = optimizer.planned_dp_steps
         if self.sampler is not None and seen > 0:
             self.sampler.step.assign(seen)
 

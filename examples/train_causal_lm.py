@@ -91,7 +91,7 @@ def _tweets():
     return [np.asarray(part[0]) for part in (splits.train, splits.validation, splits.test)]
 
 
-def _arrays(model_kind, texts, preprocessor=None):
+def _arrays(texts, preprocessor=None):
     if preprocessor is None:
         return lm.lm_arrays(texts, FLAGS.sequence_length)
     x, y, w = preprocessor(list(texts))  # keras-hub's CausalLMPreprocessor: (x, y, sample_weight)
@@ -128,7 +128,7 @@ def run():
     variables, private = METHODS[FLAGS.method]
     model, preprocessor, info = _load_model()
     train_texts, val_texts, test_texts = _tweets()
-    train, validation, test = (_arrays(FLAGS.preset, t, preprocessor) for t in (train_texts, val_texts, test_texts))
+    train, validation, test = (_arrays(t, preprocessor) for t in (train_texts, val_texts, test_texts))
     n = len(train[1])
     delta = FLAGS.delta or 1.0 / (2 * n)
     pretrained_ppl = _perplexities(model, validation, test)

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import pydoc
+import sys
 import time
 import warnings
 
@@ -126,19 +127,12 @@ PUBLIC_MODULES = (
 
 
 def encode(texts, length: int):
-    """`(ids [n, length] int32, lengths [n])`: UTF-8 bytes + 1, truncated, padded with 0."""
+    """`ids [n, length]` int32: UTF-8 bytes + 1, truncated, padded with 0."""
     ids = np.zeros((len(texts), length), np.int32)
-    lengths = np.zeros(len(texts), np.int32)
     for i, text in enumerate(texts):
         raw = np.frombuffer(str(text).encode("utf-8")[:length], np.uint8).astype(np.int32) + 1
         ids[i, : len(raw)] = raw
-        lengths[i] = len(raw)
-    return ids, lengths
-
-
-def decode(ids) -> str:
-    raw = bytes(int(i) - 1 for i in ids if 0 < int(i) <= 256)
-    return raw.decode("utf-8", errors="replace")
+    return ids
 
 
 def lm_arrays(texts, length: int):
@@ -147,7 +141,7 @@ def lm_arrays(texts, length: int):
     Each text is one example: x = its bytes (with the padding mask), y = the bytes shifted by
     one, weight 1 on every position whose target is a real byte (0 on padding and after the end).
     """
-    ids, lengths = encode(texts, length + 1)
+    ids = encode(texts, length + 1)
     x = {"token_ids": ids[:, :-1], "padding_mask": ids[:, :-1] > 0}
     y = ids[:, 1:]
     weights = (y > 0).astype("float32")
@@ -207,7 +201,7 @@ def pretrain_config(length: int, steps: int, batch_size: int, hidden: int, layer
         layers=layers,
         vocab=VOCAB,
         modules=list(PUBLIC_MODULES),
-        python=__import__("sys").version.split()[0],
+        python=sys.version.split()[0],
         format=1,
     )
 

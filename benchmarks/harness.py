@@ -66,6 +66,7 @@ RATIOS = [
     ("dp_full_vectorized", "full"),  # DP full by per-example gradients (vectorized_map), before book-keeping
     ("dp_full", "dp_full_vectorized"),
     ("dp_full_nonoise", "full"),  # clipping alone (no noise drawn; not private)
+    ("dp_full", "dp_full_nonoise"),  # what drawing the noise adds
     ("dp_lora", "lora"),
     ("dp_lora", "dp_bitfit"),
     ("dp_bitfit_head", "dp_bitfit"),

@@ -4,7 +4,11 @@
 
 Modes: `torch_full` (non-private full fine-tuning), `torch_bitfit` (non-private, biases only),
 `opacus_dp_bitfit` (Opacus DP-SGD on the biases), `opacus_dp_full` (Opacus DP-SGD on all
-weights). Model: Hugging Face `BertForSequenceClassification`, random init, the shape's layers,
+weights, per-sample gradients by hooks), `opacus_dp_full_ghost` (all weights, Opacus' fast
+gradient clipping with ghost norms: `GradSampleModuleFastGradientClipping`, no per-sample
+gradients stored, a second backward pass), `opacus_dp_full_ghost_secure` (the same with
+`secure_mode=True` noise: each value the sum of 4 `torch.normal` draws, Opacus' floating-point
+defence; its generator is PyTorch's, not a cryptographic one). Model: Hugging Face `BertForSequenceClassification`, random init, the shape's layers,
 hidden size, heads = hidden/64, intermediate 4x hidden, vocabulary 30,522, 2 classes — the
 keras-hub model of the main harness. Adam, one fixed batch, modes interleaved over the timed
 repetitions, warm-up excluded, all CPU threads.
@@ -34,7 +38,8 @@ SHAPES = {
     "big": dict(model="bert", batch=32, seq=256, layers=4, hidden=512),
     "tiny": dict(model="bert", batch=4, seq=16, layers=1, hidden=32),
 }
-MODES = ("torch_full", "torch_bitfit", "opacus_dp_bitfit", "opacus_dp_full")
+MODES = ("torch_full", "torch_bitfit", "opacus_dp_bitfit", "opacus_dp_full", "opacus_dp_full_ghost",
+         "opacus_dp_full_ghost_secure")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("shape", "small", list(SHAPES), "Model/batch shape (same names as the main harness).")
@@ -45,7 +50,8 @@ flags.DEFINE_string("shape_json", None, "A shape as a JSON dict (overrides --sha
 flags.DEFINE_integer("epoch_examples", 0, "Time epochs over this many synthetic examples instead of steps: "
                      "torch_* shuffled batches, opacus_* Poisson-sampled (Opacus' DPDataLoader).")
 flags.DEFINE_bool("memory", True, "Measure each mode's peak RSS in a child process.")
-flags.DEFINE_string("out", None, "Write the JSON results here.")
+flags.DEFINE_string("out", None, "Write the JSON results here (and Markdown beside it).")
+flags.DEFINE_string("render", None, "Only rewrite the Markdown of this JSON result file.")
 
 
 def build(shape, mode):
@@ -64,7 +70,18 @@ def build(shape, mode):
             p.requires_grad = name.endswith(".bias")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-3)
-    if mode.startswith("opacus"):
+    if "ghost" in mode:
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+        model = GradSampleModuleFastGradientClipping(model, max_grad_norm=1.0, use_ghost_clipping=True)
+        optimizer = DPOptimizerFastGradientClipping(
+            optimizer, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=shape["batch"],
+            secure_mode=mode.endswith("secure"),
+        )
+        optimizer.dp_loss = DPLossFastGradientClipping(model, optimizer, torch.nn.CrossEntropyLoss())
+    elif mode.startswith("opacus"):
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
@@ -86,7 +103,10 @@ def make_batch(shape):
 def step(model, optimizer, x, y):
     optimizer.zero_grad(set_to_none=True)
     logits = model(**x).logits
-    torch.nn.functional.cross_entropy(logits, y).backward()
+    if hasattr(optimizer, "dp_loss"):  # fast gradient clipping: its loss runs both backward passes
+        optimizer.dp_loss(logits, y).backward()
+    else:
+        torch.nn.functional.cross_entropy(logits, y).backward()
     optimizer.step()
 
 
@@ -162,6 +182,12 @@ def peak_rss_delta_mb(shape, mode, warmup):
 
 
 def main(_):
+    if FLAGS.render:
+        with open(FLAGS.render) as f:
+            report = json.load(f)
+        with open(os.path.splitext(FLAGS.render)[0] + ".md", "w") as f:
+            f.write(markdown(report) + "\n")
+        return
     torch.set_num_threads(os.cpu_count())
     shape = json.loads(FLAGS.shape_json) if FLAGS.shape_json else dict(SHAPES[FLAGS.shape], name=FLAGS.shape)
     if FLAGS.epoch_examples:
@@ -200,25 +226,40 @@ def main(_):
             "trainable_params": info[mode]["trainable_params"],
             "pfor_fallback": False,
         })
-    by = {r["mode"]: r["ms_per_step"] for r in results}
-    ratios = {}
-    for a, b in [("opacus_dp_bitfit", "torch_bitfit"), ("opacus_dp_bitfit", "torch_full"),
-                 ("opacus_dp_full", "opacus_dp_bitfit"), ("opacus_dp_full", "torch_full")]:
-        if a in by and b in by:
-            ratios[f"{a}/{b}"] = round(by[a] / by[b], 3)
     report = {
         "shape": shape,
         "device": f"CPU ({os.cpu_count()} cores), PyTorch {torch.__version__}",
         "results": results,
-        "ratios": ratios,
+        "ratios": ratios_of(results),
     }
-    print("| mode | ms/step | examples/s | peak RSS delta MB | trainable params |\n|---|---:|---:|---:|---:|")
-    for r in results:
-        print(f"| {r['mode']} | {r['ms_per_step']:.1f} | {r['examples_per_s']:.1f} | {r['peak_mem_mb']} | {r['trainable_params']:,} |")
-    print(json.dumps(ratios))
+    print(markdown(report))
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
             json.dump(report, f, indent=1)
+        with open(os.path.splitext(FLAGS.out)[0] + ".md", "w") as f:
+            f.write(markdown(report) + "\n")
+
+
+RATIOS = [("opacus_dp_bitfit", "torch_bitfit"), ("opacus_dp_bitfit", "torch_full"),
+          ("opacus_dp_full", "opacus_dp_bitfit"), ("opacus_dp_full", "torch_full"),
+          ("opacus_dp_full_ghost", "torch_full"), ("opacus_dp_full_ghost_secure", "torch_full"),
+          ("opacus_dp_full_ghost_secure", "opacus_dp_full_ghost")]
+
+
+def ratios_of(results):
+    by = {r["mode"]: r["ms_per_step"] for r in results}
+    return {f"{a}/{b}": round(by[a] / by[b], 3) for a, b in RATIOS if a in by and b in by}
+
+
+def markdown(report):
+    """The report as Markdown (also written beside --out; `python opacus_bench.py --render=F.json` redoes it)."""
+    lines = [f"Shape: {json.dumps(report['shape'])}; device: {report['device']}", "",
+             "| mode | ms/step | examples/s | peak RSS delta MB | trainable params |", "|---|---:|---:|---:|---:|"]
+    for r in report["results"]:
+        lines.append(f"| {r['mode']} | {r['ms_per_step']:.1f} | {r['examples_per_s']:.1f} | {r['peak_mem_mb']} "
+                     f"| {r['trainable_params']:,} |")
+    lines += ["", "Ratios (step time): " + ", ".join(f"{k} = {v}" for k, v in ratios_of(report["results"]).items())]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

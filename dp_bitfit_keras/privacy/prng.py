@@ -22,6 +22,12 @@ Gaussian samples resist the floating-point attacks of Jin et al. (arXiv 2107.101
 come out no longer follow the lattice of one sampler's output that the attack reads. A 32-bit
 uniform bounds each Box-Muller radius at 6.8, so a coordinate of the sum is at most 13.5σ:
 a truncation with probability below 2^-32 per sample, far inside any δ used in practice.
+float64 outputs are not rounded through float32 (float32 noise would leave a float64 sum's low
+bits readable).
+
+Speed: the draw is XLA-compiled wherever it is called, one ChaCha20 block per 2 values, cos/sin
+from polynomials with exact integer argument reduction (`_gaussian_blocks`); the profile, the
+privacy argument for each choice and the statistical tests are in docs/guides/secure-noise.md.
 """
 
 from __future__ import annotations
@@ -91,6 +97,14 @@ def key_for(seed: int | None, purpose: str) -> np.ndarray:
 
 _CONSTANTS = (0x61707865, 0x3320646E, 0x79622D32, 0x6B206574)  # "expand 32-byte k"
 
+# The 8 quarter rounds of a double round: 4 on the columns of the 4×4 state, 4 on its diagonals.
+_DOUBLE_ROUND = ((0, 4, 8, 12), (1, 5, 9, 13), (2, 6, 10, 14), (3, 7, 11, 15)) + (
+    (0, 5, 10, 15),
+    (1, 6, 11, 12),
+    (2, 7, 8, 13),
+    (3, 4, 9, 14),
+)
+
 
 def _rotl(x, bits):
     return tf.bitwise.bitwise_or(
@@ -99,54 +113,46 @@ def _rotl(x, bits):
     )
 
 
-def _quarter_rounds(a, b, c, d):
-    a = a + b
-    d = _rotl(tf.bitwise.bitwise_xor(d, a), 16)  # noqa: E702
-    c = c + d
-    b = _rotl(tf.bitwise.bitwise_xor(b, c), 12)  # noqa: E702
-    a = a + b
-    d = _rotl(tf.bitwise.bitwise_xor(d, a), 8)  # noqa: E702
-    c = c + d
-    b = _rotl(tf.bitwise.bitwise_xor(b, c), 7)  # noqa: E702
-    return a, b, c, d
+def _block_words(key, nonce, counters):
+    """The 16 words of the ChaCha20 blocks at `counters` (`[m]`): a list of 16 `[m]` uint32 tensors.
 
-
-def _double_round(i, a, b, c, d):
-    # The state as 4 rows of 4 words ([4, m] each). Column round: the 4 quarter rounds on the
-    # columns at once. Diagonal round: rotate rows b, c, d left by 1, 2, 3 so the diagonals
-    # become columns, run the same quarter rounds, rotate back (the usual SIMD form).
-    a, b, c, d = _quarter_rounds(a, b, c, d)
-    a, b, c, d = _quarter_rounds(a, tf.roll(b, -1, 0), tf.roll(c, -2, 0), tf.roll(d, -3, 0))
-    return i + 1, a, tf.roll(b, 1, 0), tf.roll(c, 2, 0), tf.roll(d, 3, 0)
+    The 20 rounds are unrolled over 16 separate word tensors, so the whole block function is one
+    chain of elementwise 32-bit additions, xors and shifts: XLA fuses it into one loop that keeps
+    the state in registers (no intermediate array is written to memory).
+    """
+    key = tf.cast(tf.convert_to_tensor(key), tf.uint32)
+    nonce = tf.cast(tf.convert_to_tensor(nonce), tf.uint32)
+    counters = tf.cast(tf.reshape(counters, [-1]), tf.uint32)
+    zeros = tf.zeros_like(counters)
+    initial = (
+        [tf.constant(c, tf.uint32) + zeros for c in _CONSTANTS]
+        + [key[i] + zeros for i in range(8)]
+        + [counters]
+        + [nonce[i] + zeros for i in range(3)]
+    )
+    s = list(initial)
+    for _ in range(10):
+        for a, b, c, d in _DOUBLE_ROUND:
+            s[a] = s[a] + s[b]
+            s[d] = _rotl(tf.bitwise.bitwise_xor(s[d], s[a]), 16)
+            s[c] = s[c] + s[d]
+            s[b] = _rotl(tf.bitwise.bitwise_xor(s[b], s[c]), 12)
+            s[a] = s[a] + s[b]
+            s[d] = _rotl(tf.bitwise.bitwise_xor(s[d], s[a]), 8)
+            s[c] = s[c] + s[d]
+            s[b] = _rotl(tf.bitwise.bitwise_xor(s[b], s[c]), 7)
+    return [w + w0 for w, w0 in zip(s, initial)]
 
 
 def chacha20_blocks(key, nonce, counters):
     """ChaCha20 blocks: `[len(counters), 16]` uint32 words (RFC 8439, §2.3).
-
-    The 20 rounds run as a 10-step `tf.while_loop` of vectorized double rounds, so the graph
-    (and XLA's compile time) stays small whatever the output size.
 
     Args:
         key: 8 words (any integer dtype holding values in [0, 2^32)).
         nonce: 3 words.
         counters: `[m]` block counters.
     """
-    key = tf.cast(tf.convert_to_tensor(key), tf.uint32)
-    nonce = tf.cast(tf.convert_to_tensor(nonce), tf.uint32)
-    counters = tf.cast(tf.reshape(counters, [1, -1]), tf.uint32)
-    ones = tf.ones_like(counters)
-    a0 = tf.constant(_CONSTANTS, tf.uint32)[:, None] * ones
-    b0 = key[:4, None] * ones
-    c0 = key[4:, None] * ones
-    d0 = tf.concat([counters, nonce[:, None] * ones], axis=0)
-    _, a, b, c, d = tf.while_loop(
-        lambda i, *_: i < 10,
-        _double_round,
-        (tf.constant(0), a0, b0, c0, d0),
-        maximum_iterations=10,
-    )
-    state = tf.concat([a + a0, b + b0, c + c0, d + d0], axis=0)  # [16, m]
-    return tf.transpose(state)
+    return tf.stack(_block_words(key, nonce, counters), axis=1)
 
 
 def _nonce(step, stream):
@@ -181,8 +187,13 @@ def uniform(key, shape, step, stream):
 def normal(key, shape, step, stream, stddev=1.0, dtype=tf.float32, generator="chacha20"):
     """N(0, stddev²) samples of static `shape`, each the sum of 4 Gaussians (see module doc).
 
+    Value 2b + k (k = 0, 1) comes from words 4k … 4k + 3 of ChaCha20 block b of the stream
+    (key, nonce = (stream, step)); for float64, value b from words 0 … 3 of block b. The draw is XLA-compiled wherever it is called (see
+    `_gaussian_blocks`) and runs `NORMAL_CHUNK` values at a time, so its memory stays bounded;
+    the values do not depend on the chunk size.
+
     `generator="philox"`: TensorFlow's `stateless_normal` keyed by 64 bits of the key instead
-    (fast, not cryptographic, one sample per value); only to measure what the secure path costs.
+    (not cryptographic, one sample per value); only to measure what the secure path costs.
     """
     shape = [int(d) for d in shape]
     size = int(np.prod(shape, dtype=np.int64))
@@ -192,49 +203,119 @@ def normal(key, shape, step, stream, stddev=1.0, dtype=tf.float32, generator="ch
         return tf.random.stateless_normal(shape, seed=seed, stddev=tf.cast(stddev, dtype), dtype=dtype)
     if generator != "chacha20":
         raise ValueError(f"generator must be one of {GENERATORS}; got {generator!r}.")
-    if size <= NORMAL_CHUNK:
-        u = tf.reshape(_unit_interval(random_words(key, 4 * size, step, stream)), [2, 2, max(size, 0)])
-        return tf.reshape(_four_gaussians(u, stddev, dtype), shape)
-    # Large outputs (full fine-tuning's noise: one value per parameter) are drawn NORMAL_CHUNK
-    # values at a time, so the 4 words and the float64 Box-Muller temporaries of each value
-    # (~48 bytes) are live for one chunk only. Value i still takes words i, size + i,
-    # 2·size + i and 3·size + i of the stream: the same numbers as drawing all at once.
-    nonce = _nonce(step, stream)
-    chunks = -(-size // NORMAL_CHUNK)
+    if size == 0:
+        return tf.zeros(shape, dtype)
+    if size > MAX_VALUES:
+        raise ValueError(f"One noise draw holds at most {MAX_VALUES} values (the 32-bit block counter); got {size}.")
+    # float32 (and narrower) values: 2 per block, as float32; float64 values: 1 per block, kept in
+    # float64 (noise rounded to float32 would leave a float64 sum's low bits readable).
+    per_block = 1 if tf.as_dtype(dtype) == tf.float64 else 2
+    chunk_blocks = min(NORMAL_CHUNK // per_block, -(-size // per_block))
+    chunks = -(-size // (per_block * chunk_blocks))
+    values = _gaussian_blocks(
+        tf.cast(tf.convert_to_tensor(key), tf.int64),
+        _nonce(step, stream),
+        tf.cast(stddev, tf.float64),
+        chunk_blocks=chunk_blocks,
+        chunks=chunks,
+        per_block=per_block,
+    )
+    return tf.cast(tf.reshape(tf.reshape(values, [-1])[:size], shape), dtype)
+
+
+# Values per chunk when drawing Gaussians (see `normal`), and per draw.
+NORMAL_CHUNK = 1 << 17
+MAX_VALUES = 1 << 33
+
+
+def _gaussians(words, scale):
+    """From 4 `[m]` uint32 words: m samples of N(0, (2·scale)²), in float64.
+
+    Two Box-Muller pairs (radius from one word, angle from the next), both outputs of each:
+    r₁cos θ₁ + r₁sin θ₁ + r₂cos θ₂ + r₂sin θ₂, four independent N(0, 1).
+    """
+    total = 0.0
+    for radius_word, angle_word in (words[0:2], words[2:4]):
+        u = (tf.cast(radius_word, tf.float64) + 0.5) * (1.0 / 4294967296.0)  # in (0, 1)
+        radius = tf.sqrt(-2.0 * tf.math.log(u))
+        cos, sin = _cos_sin_of_turn(angle_word)
+        total += radius * (cos + sin)
+    return total * scale
+
+
+# Taylor coefficients of sin(φ)/φ and cos(φ) in φ²; on |φ| ≤ π/4 the first omitted terms are
+# below 10⁻¹⁶ (sin) and 10⁻¹⁷ (cos).
+_SIN = tuple((-1) ** k / math.factorial(2 * k + 1) for k in range(8))
+_COS = tuple((-1) ** k / math.factorial(2 * k) for k in range(9))
+
+
+def _horner(x, coefficients):
+    total = tf.constant(coefficients[-1], tf.float64) + tf.zeros_like(x)
+    for c in reversed(coefficients[:-1]):
+        total = total * x + c
+    return total
+
+
+def _cos_sin_of_turn(word):
+    """cos θ, sin θ (float64) of θ = 2π(w + ½)/2³², from the uint32 word w.
+
+    The top 3 bits of w pick the octant, the other 29 the position inside it, so the argument
+    reduction is exact integer arithmetic; sin and cos on [0, π/4] are polynomials (within
+    2 ulp of 1 of the exact values; the test compares with extended precision). Polynomials
+    vectorise where XLA's float64 sin and cos on CPU do not (4× faster here).
+    """
+    octant = tf.bitwise.right_shift(word, tf.constant(29, tf.uint32))
+    low = tf.cast(tf.bitwise.bitwise_and(word, tf.constant((1 << 29) - 1, tf.uint32)), tf.float64)
+    odd = tf.equal(tf.bitwise.bitwise_and(octant, tf.constant(1, tf.uint32)), 1)
+    # φ in (0, π/4): the distance from the nearer axis (octant k covers [kπ/4, (k+1)π/4)).
+    phi = tf.where(odd, (2.0**29 - 0.5) - low, low + 0.5) * (math.pi / 4 / 2.0**29)
+    phi2 = phi * phi
+    s = phi * _horner(phi2, _SIN)
+    c = _horner(phi2, _COS)
+    # θ = qπ/2 + φ (even octant) or qπ/2 + π/2 − φ (odd): rotate (cos, sin) by q quarter turns.
+    x, y = tf.where(odd, s, c), tf.where(odd, c, s)
+    quarter = tf.bitwise.right_shift(octant, tf.constant(1, tf.uint32))
+    cos = tf.where(quarter == 0, x, tf.where(quarter == 1, -y, tf.where(quarter == 2, -x, y)))
+    sin = tf.where(quarter == 0, y, tf.where(quarter == 1, x, tf.where(quarter == 2, -y, -x)))
+    return cos, sin
+
+
+@tf.function(jit_compile=True, autograph=False)
+def _gaussian_blocks(key, nonce, stddev, chunk_blocks, chunks, per_block):
+    """`[chunks · chunk_blocks, per_block]` Gaussians, one ChaCha20 block per row: 2 float32
+    values (rounded once from float64) or 1 float64 value.
+
+    Why this shape: XLA's CPU code generator computes each element of a fused output on its own,
+    so an output element holding less than a block's values would repeat the block's 20 rounds
+    for each. A row is therefore one 64-bit element (the widest type XLA has): two float32 bit
+    patterns side by side, or one float64. The chunks run in a `while_loop` whose body writes each
+    chunk to memory: a chunk's fused loop is vectorised and stays in cache.
+    """
+    scale = 0.5 * stddev
 
     def body(j, out):
-        start = tf.cast(j, tf.int64) * NORMAL_CHUNK
-        words = [_words_at(key, nonce, k * size + start, NORMAL_CHUNK) for k in range(4)]
-        u = tf.reshape(_unit_interval(tf.stack(words)), [2, 2, NORMAL_CHUNK])
-        return j + 1, out.write(j, _four_gaussians(u, stddev, dtype))
+        counters = tf.cast(j, tf.int64) * chunk_blocks + tf.range(chunk_blocks, dtype=tf.int64)
+        words = _block_words(key, nonce, counters)
+        if per_block == 1:
+            row = tf.bitcast(_gaussians(words[0:4], scale), tf.uint64)
+        else:
+            low, high = (
+                tf.cast(tf.bitcast(tf.cast(_gaussians(words[i : i + 4], scale), tf.float32), tf.uint32), tf.uint64)
+                for i in (0, 4)
+            )
+            row = tf.bitwise.bitwise_or(low, tf.bitwise.left_shift(high, tf.constant(32, tf.uint64)))
+        return j + 1, out.write(j, row)
 
     _, out = tf.while_loop(
         lambda j, _: j < chunks,
         body,
-        (tf.constant(0), tf.TensorArray(dtype, size=chunks, element_shape=[NORMAL_CHUNK])),
+        (tf.constant(0), tf.TensorArray(tf.uint64, size=chunks, element_shape=[chunk_blocks])),
         maximum_iterations=chunks,
     )
-    return tf.reshape(out.concat()[:size], shape)
-
-
-# Values per chunk when drawing many Gaussians (see `normal`).
-NORMAL_CHUNK = 1 << 20
-
-
-def _four_gaussians(u, stddev, dtype):
-    """From uniforms `[2, 2, n]`: n samples of N(0, stddev²), each the sum of 4 Box-Muller normals."""
-    radius = tf.sqrt(-2.0 * tf.math.log(u[:, 0]))  # [2, n]
-    angle = (2.0 * math.pi) * u[:, 1]
-    total = tf.reduce_sum(radius * tf.cos(angle) + radius * tf.sin(angle), axis=0)  # 4 N(0,1)
-    return tf.cast(total * (0.5 * tf.cast(stddev, tf.float64)), dtype)
-
-
-def _words_at(key, nonce, start, count: int):
-    """`count` words of the stream from position `start` (a tensor): the blocks covering them."""
-    blocks = count // 16 + 1
-    first = start // 16
-    words = tf.reshape(chacha20_blocks(key, nonce, first + tf.range(blocks, dtype=tf.int64)), [-1])
-    return tf.slice(words, [start % 16], [count])
+    rows = out.concat()
+    if per_block == 1:
+        return tf.bitcast(rows, tf.float64)
+    return tf.bitcast(rows, tf.float32)  # [blocks, 2]: (low, high) on a little-endian machine
 
 
 def normal_list(key, shapes, step, stream, stddev=1.0, dtypes=tf.float32, generator="chacha20"):
@@ -243,7 +324,8 @@ def normal_list(key, shapes, step, stream, stddev=1.0, dtypes=tf.float32, genera
     shapes = [[int(d) for d in shape] for shape in shapes]
     dtypes = list(dtypes) if isinstance(dtypes, (list, tuple)) else [dtypes] * len(shapes)
     sizes = [int(np.prod(shape, dtype=np.int64)) for shape in shapes]
-    flat = normal(key, [sum(sizes)], step, stream, stddev, tf.float32, generator)
+    wide = tf.float64 if any(tf.as_dtype(d) == tf.float64 for d in dtypes) else tf.float32
+    flat = normal(key, [sum(sizes)], step, stream, stddev, wide, generator)
     parts = tf.split(flat, sizes) if shapes else []
     return [tf.cast(tf.reshape(p, shape), dtype) for p, shape, dtype in zip(parts, shapes, dtypes)]
 

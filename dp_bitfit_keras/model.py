@@ -432,6 +432,11 @@ class DPModel(keras.Model):
         `validation_split` (arrays: the last fraction is held out, as Keras does, and never
         enters the private sampling), `validation_data` and `initial_epoch` work as in Keras.
 
+        User-level privacy (arrays): `user_ids=` (one id per row) and `max_examples_per_user=k`
+        sample users instead of rows (q = `batch_size` / number of users: `batch_size` is the
+        expected number of users per step), clip each row at C/k, and account ε per user
+        (`optimizer.privacy_unit`); a `poisson_batches(..., user_ids=...)` dataset does the same.
+
         Data held in memory (arrays, `poisson_batches`) is checked before any step: a NaN/inf
         value, an integer label outside the model's classes or one-hot labels of the wrong
         width raise a `ValueError` naming the first offending row. Inside the step, an example
@@ -447,9 +452,14 @@ class DPModel(keras.Model):
             raise ValueError(
                 "Under a multi-replica strategy DPModel needs steps_per_execution=1 (the step budget is checked between steps)."
             )
+        if kwargs.get("user_ids") is not None and kwargs.get("validation_split"):
+            raise ValueError("validation_split cannot split users: hold out users yourself and pass validation_data.")
         x, y, kwargs = self._hold_out_validation(x, y, kwargs)
         dataset, q, expected, n = self._private_data(x, y, batch_size, sampling_rate, kwargs)
         sampler = getattr(dataset, "dp_sampler", None)
+        unit, per_unit = (sampler.unit, sampler.examples_per_unit) if sampler is not None else ("example", 1)
+        if unit != "example" and (replicas > 1 or getattr(self, "_distribute_strategy", None) is not None):
+            raise ValueError("User-level sampling under a tf.distribute strategy is not supported yet.")
         if replicas > 1 and sampler is None and (k > 1 or distribute.is_multi_worker(strategy)):
             raise ValueError(
                 "Under a multi-worker strategy, or with gradient accumulation under any multi-replica "
@@ -479,10 +489,11 @@ class DPModel(keras.Model):
             raise ValueError(
                 f"steps_per_epoch ({steps_per_epoch}) must be a multiple of gradient_accumulation_steps ({k})."
             )
+        self.optimizer.set_privacy_unit(unit, per_unit)
         self.optimizer.begin_run(q, expected, steps_per_epoch // micro * (epochs - kwargs.get("initial_epoch", 0)), n)
         chunk = self._chunk
         if getattr(self, "physical_batch_size", None) == "auto":
-            chunk = chunk_size_for(expected / (k * replicas), self._per_example_params())
+            chunk = chunk_size_for(expected * per_unit / (k * replicas), self._per_example_params())
         if fold:  # at most a k-th of the replica's batch at once, as accumulation would
             per_replica = sampler.max_batch_size // replicas
             chunk = min(chunk or per_replica, -(-per_replica // k))
@@ -608,6 +619,13 @@ class DPModel(keras.Model):
     def _private_data(self, x, y, batch_size, sampling_rate, kwargs):
         weights = kwargs.pop("sample_weight", None)
         class_weight = kwargs.pop("class_weight", None)
+        user_ids = kwargs.pop("user_ids", None)
+        per_user = kwargs.pop("max_examples_per_user", None)
+        if isinstance(x, tf.data.Dataset) and (user_ids is not None or per_user is not None):
+            raise ValueError(
+                "With a dataset, users come from the dataset: build it as poisson_batches(..., user_ids=..., "
+                "max_examples_per_user=...); user_ids= is for arrays."
+            )
         if isinstance(x, tf.data.Dataset):
             if weights is not None or class_weight is not None:
                 raise ValueError(
@@ -647,19 +665,36 @@ class DPModel(keras.Model):
         self._check_labels(x, y)
         n = int(tf.nest.flatten(x)[0].shape[0])
         weights = checks.sample_weights(weights, class_weight, y, n)
+        units, rows_per_unit = n, 1
+        if user_ids is not None:
+            if len(user_ids) != n:
+                raise ValueError(f"user_ids has {len(user_ids)} entries for {n} examples.")
+            units, rows_per_unit = sampling.user_index(user_ids, per_user)[2], per_user
+        elif per_user is not None:
+            raise ValueError("max_examples_per_user is for user-level privacy: give user_ids too.")
         batch_size = batch_size or _DEFAULT_BATCH_SIZE
-        if not 0 < batch_size <= n:
-            raise ValueError(f"batch_size must be in [1, {n}] (the dataset size); got {batch_size}.")
-        q = sampling_rate or batch_size / n
+        if not 0 < batch_size <= units:
+            what = "users" if user_ids is not None else "the dataset size"
+            raise ValueError(f"batch_size must be in [1, {units}] ({what}); got {batch_size}.")
+        q = sampling_rate or batch_size / units
         k = self.optimizer.accumulation_steps
         multiple = k * self.distribute_strategy.num_replicas_in_sync
-        padded = -(-sampling.max_batch_size_for(n, q) // multiple) * multiple
+        padded = sampling.max_batch_size_for(units, q) * rows_per_unit
+        padded = -(-padded // multiple) * multiple
         # The optimizer's explicit seed (if any) makes the sample reproducible too; by default
         # both are keyed by secret keys from the operating system.
         # (The arrays were checked above: no second pass over them.)
         examples = tf.nest.map_structure(tf.convert_to_tensor, (x, y) if weights is None else (x, y, weights))
-        dataset = sampling.poisson_batches_from_tensors(examples, q, padded, micro_batches=k, seed=self.optimizer.seed)
-        return dataset, q, q * n, n
+        dataset = sampling.poisson_batches_from_tensors(
+            examples,
+            q,
+            padded,
+            micro_batches=k,
+            seed=self.optimizer.seed,
+            user_ids=user_ids,
+            max_examples_per_user=per_user,
+        )
+        return dataset, q, q * units, units
 
     def _check_labels(self, x, y):
         checks.check_labels(y, checks.output_width(self.model, x), self._per_example_loss)

@@ -198,6 +198,10 @@ class DPOptimizer(keras.optimizers.Optimizer):
             # The open segment of the ledger began at this step; the closed ones are below.
             segment_start=("int64", 0, False),
             closed_segments=("int64", 0, False),
+            # The privacy unit of the ledger (0: example, 1: user) and the rows a unit may bring
+            # to one batch, k (each row is clipped at C/k).
+            privacy_unit=("int64", 0, False),
+            examples_per_unit=("float32", 1.0, False),
         )
         for name, (dtype, value, in_step) in state.items():
             # Updated in the step: under MirroredStrategy every replica computes the same
@@ -349,7 +353,7 @@ class DPOptimizer(keras.optimizers.Optimizer):
         if not self.built:
             self.build(trainable_variables)
         per_example_grads = self.transform_per_example_gradients(per_example_grads)
-        clip = self._current_l2_norm_clip.value
+        clip = self.per_example_clip_tensor()
         summed, norms = self._clip_and_sum(per_example_grads, clip, mask, self._group_index(trainable_variables))
         return summed, self._below(norms, clip, mask), norms
 
@@ -367,7 +371,7 @@ class DPOptimizer(keras.optimizers.Optimizer):
             raise ValueError(
                 f"{type(self).__name__} transforms per-example gradients: it needs the vectorized per-example path."
             )
-        clip = self._current_l2_norm_clip.value
+        clip = self.per_example_clip_tensor()
         factors, index, norms, finite = clipping_lib.clip_weights(
             squared_norms, clip, self.clipping, mask, self._group_index(trainable_variables)
         )
@@ -403,8 +407,38 @@ class DPOptimizer(keras.optimizers.Optimizer):
         return self._noise_key.value, self._dp_steps.value
 
     def clip_tensor(self):
-        """The clip C of this step as a tensor (moves with adaptive clipping)."""
+        """The clip C of this step as a tensor (moves with adaptive clipping): the sensitivity
+        of one privacy unit, which the noise is scaled to."""
         return self._current_l2_norm_clip.value
+
+    def per_example_clip_tensor(self):
+        """The clip of one row: C, or C/k at user level (k rows of a user per batch)."""
+        return self._current_l2_norm_clip.value / self._examples_per_unit.value
+
+    UNITS = ("example", "user")
+
+    @property
+    def privacy_unit(self) -> str:
+        """What the ledger's ε protects: "example" (one row) or "user" (all rows of one user)."""
+        return self.UNITS[int(self._privacy_unit.numpy())] if self.built else "example"
+
+    def set_privacy_unit(self, unit: str, examples_per_unit: int = 1):
+        """Makes the ledger protect `unit` ("example" or "user"), each row clipped at
+        C/`examples_per_unit`. `DPModel.fit` sets it from its data (`user_ids`); a ledger
+        cannot mix units."""
+        if unit not in self.UNITS:
+            raise ValueError(f"unit must be one of {self.UNITS}; got {unit!r}.")
+        if not (isinstance(examples_per_unit, int) and examples_per_unit >= 1):
+            raise ValueError(f"examples_per_unit must be an int >= 1; got {examples_per_unit!r}.")
+        if unit == "user" and self.target_unclipped_quantile is not None:
+            raise ValueError("Adaptive clipping counts examples, not users: use a fixed l2_norm_clip at user level.")
+        if self.dp_steps and unit != self.privacy_unit:
+            raise ValueError(
+                f"This optimizer's ledger accounts per {self.privacy_unit} ({self.dp_steps} steps): a run per "
+                f"{unit} cannot be composed with it. Start from a fresh optimizer."
+            )
+        self._privacy_unit.assign(self.UNITS.index(unit))
+        self._examples_per_unit.assign(float(examples_per_unit))
 
     def expected_batch_size_tensor(self):
         """The expected (logical) batch size that normalises the noised sum, as a tensor."""

@@ -17,6 +17,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from dpk_examples import example_flags, recipes, tasks, text  # noqa: E402
@@ -56,6 +57,13 @@ flags.DEFINE_enum("pooling", "mean", ["mean", "cls"], "Classifier pooling over t
 flags.DEFINE_string(
     "summary_json", None, "Also write the run summary here (and a one-row Markdown table next to it, .md)."
 )
+flags.DEFINE_integer(
+    "rows_per_user",
+    0,
+    "User-level privacy on pseudo-users: 0 (default) protects each example; r > 0 groups the training "
+    "rows into pseudo-users of r consecutive rows (the offline tweets have no author field) and protects "
+    "each such user; --batch_size is then the expected number of users per step, each row clipped at C/r.",
+)
 
 
 def run():
@@ -71,6 +79,15 @@ def run():
     data, preprocessor = task.splits, task.preprocessor
     splits = (data.train, data.validation, data.test)
     print(f"{FLAGS.dataset}: {[len(y) for _, y in splits]} train/validation/test examples, classes {data.class_names}")
+    users = {}
+    if FLAGS.rows_per_user:
+        # Pseudo-users: r consecutive rows of the (seeded, shuffled) training split per user.
+        users = dict(
+            user_ids=np.arange(len(data.train[1])) // FLAGS.rows_per_user, max_examples_per_user=FLAGS.rows_per_user
+        )
+        print(
+            f"user-level privacy: {len(data.train[1]) // FLAGS.rows_per_user} pseudo-users of {FLAGS.rows_per_user} rows"
+        )
     settings = dict(
         optimizer=optimizer,
         learning_rate=FLAGS.learning_rate or task.learning_rate(FLAGS.method),
@@ -91,6 +108,7 @@ def run():
         seed=FLAGS.seed,
         noise_seed=FLAGS.noise_seed,
         **settings,
+        **users,
     )
     export_dir = FLAGS.export_dir or recipes.default_export_dir(FLAGS.dataset, FLAGS.method, FLAGS.epsilon)
     model = result.base_model
@@ -103,6 +121,8 @@ def run():
         preset=FLAGS.preset,
         export_dir=export_dir,
         tokens_export_dir=tokens_dir,
+        privacy_unit="user" if FLAGS.rows_per_user else "example",
+        rows_per_user=FLAGS.rows_per_user,
         **settings,
     )
     recipes.print_summary(

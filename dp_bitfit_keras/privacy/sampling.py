@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import tensorflow as tf
 from scipy import stats
 
@@ -39,7 +40,7 @@ class PoissonSampler:
     held by the dataset's graph only; `seed` is the explicit seed, if one was given.
     """
 
-    num_examples: int
+    num_examples: int  # units: examples, or users at user level
     sampling_rate: float
     max_batch_size: int
     steps_per_epoch: int
@@ -47,9 +48,12 @@ class PoissonSampler:
     step: tf.Variable
     micro_batches: int = 1
     examples: object = dataclasses.field(default=None, repr=False)  # the held data (label checks)
+    unit: str = "example"  # what is sampled and protected: "example" or "user"
+    examples_per_unit: int = 1  # at most this many rows of one unit per batch (each clipped at C/k)
 
     @property
     def expected_batch_size(self) -> float:
+        """Expected units per batch: examples, or users at user level."""
         return self.num_examples * self.sampling_rate
 
 
@@ -78,6 +82,8 @@ def poisson_batches(
     seed: int | None = None,
     overflow_probability: float = 1e-9,
     micro_batches: int = 1,
+    user_ids=None,
+    max_examples_per_user: int | None = None,
 ) -> tf.data.Dataset:
     """Poisson-sampled logical batches, padded to a static size, with a per-example mask.
 
@@ -100,6 +106,13 @@ def poisson_batches(
         micro_batches: split each logical (Poisson) batch into this many consecutive
             elements of `max_batch_size / micro_batches` rows (rounded up), for gradient
             accumulation (`DPOptimizer(gradient_accumulation_steps=...)`).
+        user_ids: `[n]` ids (any hashable values): **user-level** sampling. Users are
+            Poisson-sampled (q over users; `num_examples` and the expected batch then count
+            users) and a sampled user brings their first `max_examples_per_user` rows (in data
+            order); `DPModel.fit` then clips each row at C/k, so a user's whole contribution has
+            norm ≤ C and ε protects each user. See the threat model guide for choosing the unit.
+        max_examples_per_user: k, required with `user_ids`; rows beyond a user's first k are
+            never used.
 
     Raises:
         ValueError: a float value of the data is NaN or inf (the first such row is named).
@@ -125,7 +138,28 @@ def poisson_batches(
         seed=seed,
         overflow_probability=overflow_probability,
         micro_batches=micro_batches,
+        user_ids=user_ids,
+        max_examples_per_user=max_examples_per_user,
     )
+
+
+def user_index(user_ids, max_examples_per_user):
+    """(user of each row as 0 … U − 1, whether the row is among its user's first k, U)."""
+    if not (isinstance(max_examples_per_user, int) and max_examples_per_user >= 1):
+        raise ValueError(
+            "User-level sampling needs max_examples_per_user=k (an int >= 1): each row is clipped at "
+            f"C/k so that a user's k rows together have norm <= C; got {max_examples_per_user!r}."
+        )
+    ids = np.asarray(user_ids)
+    if ids.ndim != 1:
+        raise ValueError(f"user_ids must be one id per example ([n]); got shape {ids.shape}.")
+    _, users = np.unique(ids, return_inverse=True)
+    order = np.argsort(users, kind="stable")
+    counts = np.bincount(users)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty_like(users)
+    rank[order] = np.arange(users.size) - np.repeat(starts, counts)
+    return users.astype(np.int32), rank < max_examples_per_user, int(counts.size)
 
 
 def poisson_batches_from_tensors(
@@ -138,6 +172,8 @@ def poisson_batches_from_tensors(
     overflow_probability=1e-9,
     micro_batches=1,
     key=None,
+    user_ids=None,
+    max_examples_per_user=None,
 ):
     """`poisson_batches` of tensors already in memory and already checked (`DPModel.fit` checks
     its arrays itself, naming them `x` and `y`). `key`: the sampling key itself (workers of one
@@ -148,8 +184,17 @@ def poisson_batches_from_tensors(
     n = int(flat[0].shape[0])
     if any(int(t.shape[0]) != n for t in flat):
         raise ValueError(f"All arrays must have the same number of examples; got {[t.shape[0] for t in flat]}.")
+    units, per_unit, users, eligible = n, 1, None, None
+    if user_ids is not None:
+        if len(user_ids) != n:
+            raise ValueError(f"user_ids has {len(user_ids)} entries for {n} examples.")
+        users, eligible, units = user_index(user_ids, max_examples_per_user)
+        per_unit = int(max_examples_per_user)
+        users, eligible = tf.constant(users), tf.constant(eligible)
+    elif max_examples_per_user is not None:
+        raise ValueError("max_examples_per_user is for user-level sampling: give user_ids too.")
     if max_batch_size is None:
-        max_batch_size = max_batch_size_for(n, sampling_rate, overflow_probability)
+        max_batch_size = max_batch_size_for(units, sampling_rate, overflow_probability) * per_unit
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1; got {max_batch_size}.")
     if not (isinstance(micro_batches, int) and micro_batches >= 1):
@@ -160,7 +205,7 @@ def poisson_batches_from_tensors(
     seed = None if seed is None else int(seed)
     key = tf.constant(prng.key_for(seed, "sampling") if key is None else key, tf.int64)
     sampler = PoissonSampler(
-        num_examples=n,
+        num_examples=units,
         sampling_rate=float(sampling_rate),
         max_batch_size=int(max_batch_size),
         steps_per_epoch=int(steps_per_epoch),
@@ -168,12 +213,16 @@ def poisson_batches_from_tensors(
         step=tf.Variable(0, dtype=tf.int64, trainable=False, name="poisson_step"),
         micro_batches=micro_batches,
         examples=examples,
+        unit="example" if users is None else "user",
+        examples_per_unit=per_unit,
     )
 
     def draw(_):
         element = sampler.step.assign_add(1) - 1
         step, part_index = element // micro_batches, element % micro_batches
-        keep = prng.uniform(key, [n], step, prng.POISSON_SAMPLE) < sampling_rate
+        keep = prng.uniform(key, [units], step, prng.POISSON_SAMPLE) < sampling_rate
+        if users is not None:
+            keep = tf.logical_and(tf.gather(keep, users), eligible)
         indices = tf.cast(tf.where(keep)[:, 0], tf.int32)
         size = tf.size(indices)
         check = tf.debugging.assert_less_equal(

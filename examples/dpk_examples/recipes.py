@@ -165,6 +165,8 @@ def train(
     optimizer: str = "adam",
     ema_momentum: float | None = None,
     noise_multiplier: float | None = None,
+    user_ids=None,
+    max_examples_per_user: int | None = None,
     verbose: int = 1,
     callbacks=(),
 ) -> RunResult:
@@ -208,6 +210,10 @@ def train(
             σ >= 0 is used as is and `epsilon` is ignored (the reported ε is what σ spends;
             σ = 0 clips and samples but adds no noise: **not private**, for measuring how much of
             a gap the noise itself costs). Not for the two-phase methods.
+        user_ids, max_examples_per_user: user-level privacy (`DPModel.fit`'s): users are
+            Poisson-sampled, `batch_size` is the expected number of users per step, each row is
+            clipped at C/k and ε (δ default 1/(2·users)) protects each user. DP-BiTFiT, DP full
+            and DP-LoRA only.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}; got {method!r}.")
@@ -242,9 +248,11 @@ def train(
         if method in OWN_OPTIMIZER_METHODS:
             raise ValueError(f"ema_momentum is not supported for {method} (it has its own optimizers).")
     ema = {} if ema_momentum is None else dict(use_ema=True, ema_momentum=ema_momentum)
+    if user_ids is not None and (not private or method in TWO_PHASE_METHODS or method == "dpzero"):
+        raise ValueError(f"user_ids applies to DP-BiTFiT, DP full and DP-LoRA, not {method}.")
     keras.utils.set_random_seed(seed)
     x_train, y_train = train_data
-    n = len(y_train)
+    n = len(y_train) if user_ids is None else len(np.unique(user_ids))  # privacy units
     delta = delta or 1.0 / (2 * n)
     lr = learning_rate or default_learning_rate(method)
     if lr_schedule == "linear":
@@ -330,7 +338,8 @@ def train(
             metrics=["accuracy"],
         )
         selection = model.selection
-        model.fit(x_train, y_train, callbacks=[timer, PrivacyCallback(delta=delta), *callbacks], **fit_kwargs)
+        users = {} if user_ids is None else dict(user_ids=user_ids, max_examples_per_user=max_examples_per_user)
+        model.fit(x_train, y_train, callbacks=[timer, PrivacyCallback(delta=delta), *callbacks], **fit_kwargs, **users)
     else:
         model = base
         selection = select_variables(model, trainable)

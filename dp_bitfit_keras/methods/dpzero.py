@@ -103,7 +103,9 @@ def private_projection(optimizer, per_example_scalars, directions, trainable_var
         raise ValueError("DPZero steps do not accumulate: use gradient_accumulation_steps=1 (raise the batch size).")
     if not optimizer.built:
         optimizer.build(trainable_variables)
-    summed, _ = clipping.clipped_sum([per_example_scalars[:, None]], optimizer.clip_tensor(), optimizer.clipping, mask)
+    summed, _ = clipping.clipped_sum(
+        [per_example_scalars[:, None]], optimizer.per_example_clip_tensor(), optimizer.clipping, mask
+    )
     released = []
 
     def to_gradients(noised):

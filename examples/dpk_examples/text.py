@@ -46,8 +46,16 @@ def tokenize(preprocessor, texts, batch_size: int = 1024) -> dict:
 
 def tokens_export_dir(path: str) -> str:
     """Where the tokens-only SavedModel of `savedmodels/<run>/<version>` goes:
-    `savedmodels/<run>_tokens/<version>` (its own model name for TF Serving, same layout)."""
+    `savedmodels/<run>_tokens/<version>` (its own model name for TF Serving, same layout); for a
+    directory without a version number, `<path>_tokens` beside it.
+
+    Example:
+        >>> tokens_export_dir("savedmodels/tweets/3"), tokens_export_dir("/tmp/model")
+        ('savedmodels/tweets_tokens/3', '/tmp/model_tokens')
+    """
     parent, version = os.path.split(os.path.normpath(path))
+    if not version.isdigit():
+        return os.path.normpath(path) + "_tokens"
     return os.path.join(parent + "_tokens", version)
 
 

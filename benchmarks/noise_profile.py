@@ -11,7 +11,7 @@ what DP full fine-tuning draws per step), median of `--repeats` interleaved call
   and the whole draw as the training step calls it (written to memory).
 - **Previous generator** (`_previous_normal`, the implementation this one replaced, kept here to
   measure before/after in one run): its keystream (20 rounds as a `while_loop` over a `[4, m]`
-  state, 4 words per value) and its whole draw (XLA's float64 `cos`/`sin`).
+  state, `prng._rolled_blocks`, 4 words per value) and its whole draw (XLA's float64 `cos`/`sin`).
 - **Peers, per value**: `tf.random.normal` (TensorFlow's kernel, outside XLA),
   `tf.random.stateless_normal` (Philox) inside XLA, NumPy's `standard_normal` (PCG64).
 """
@@ -39,34 +39,9 @@ flags.DEFINE_string("out", None, "Write JSON here and Markdown beside it.")
 # --- the previous generator (for the before/after rows only) -----------------------------------
 
 
-def _previous_blocks(key, nonce, counters):
-    def double_round(i, a, b, c, d):
-        def quarter(a, b, c, d):
-            for x, y, z, bits in ((0, 1, 3, 16), (2, 3, 1, 12), (0, 1, 3, 8), (2, 3, 1, 7)):
-                s = [a, b, c, d]
-                s[x] = s[x] + s[y]
-                s[z] = prng._rotl(tf.bitwise.bitwise_xor(s[z], s[x]), bits)
-                a, b, c, d = s
-            return a, b, c, d
-
-        a, b, c, d = quarter(a, b, c, d)
-        a, b, c, d = quarter(a, tf.roll(b, -1, 0), tf.roll(c, -2, 0), tf.roll(d, -3, 0))
-        return i + 1, a, tf.roll(b, 1, 0), tf.roll(c, 2, 0), tf.roll(d, 3, 0)
-
-    key = tf.cast(key, tf.uint32)
-    nonce = tf.cast(nonce, tf.uint32)
-    counters = tf.cast(tf.reshape(counters, [1, -1]), tf.uint32)
-    ones = tf.ones_like(counters)
-    a0 = tf.constant(prng._CONSTANTS, tf.uint32)[:, None] * ones
-    b0, c0 = key[:4, None] * ones, key[4:, None] * ones
-    d0 = tf.concat([counters, nonce[:, None] * ones], axis=0)
-    _, a, b, c, d = tf.while_loop(lambda i, *_: i < 10, double_round, (0, a0, b0, c0, d0), maximum_iterations=10)
-    return tf.transpose(tf.concat([a + a0, b + b0, c + c0, d + d0], axis=0))
-
-
 def _previous_words(key, nonce, start, count):
     first = start // 16
-    words = tf.reshape(_previous_blocks(key, nonce, first + tf.range(count // 16 + 1, dtype=tf.int64)), [-1])
+    words = tf.reshape(prng._rolled_blocks(key, nonce, first + tf.range(count // 16 + 1, dtype=tf.int64)), [-1])
     return tf.slice(words, [start % 16], [count])
 
 

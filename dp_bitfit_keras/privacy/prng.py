@@ -26,7 +26,8 @@ float64 outputs are not rounded through float32 (float32 noise would leave a flo
 bits readable).
 
 Speed: the draw is XLA-compiled wherever it is called, one ChaCha20 block per 2 values, cos/sin
-from polynomials with exact integer argument reduction (`_gaussian_blocks`); the profile, the
+from polynomials with exact integer argument reduction (`_gaussian_blocks`; one chunk or less:
+`_small_gaussian_blocks`, the same values from a program quicker to compile); the profile, the
 privacy argument for each choice and the statistical tests are in docs/guides/secure-noise.md.
 """
 
@@ -144,6 +145,43 @@ def _block_words(key, nonce, counters):
     return [w + w0 for w, w0 in zip(s, initial)]
 
 
+def _rolled_blocks(key, nonce, counters):
+    """`[m, 16]` ChaCha20 blocks, the same words as `_block_words`, as a 10-step `while_loop` of
+    vectorised double rounds over a `[4, m]` state: a small program, quick to compile, slow on
+    millions of blocks (the state is written to memory at every round). Draws of one chunk or
+    less use it: there XLA's compile time, not the draw, is what a step pays."""
+
+    def quarter(a, b, c, d):
+        a = a + b
+        d = _rotl(tf.bitwise.bitwise_xor(d, a), 16)
+        c = c + d
+        b = _rotl(tf.bitwise.bitwise_xor(b, c), 12)
+        a = a + b
+        d = _rotl(tf.bitwise.bitwise_xor(d, a), 8)
+        c = c + d
+        b = _rotl(tf.bitwise.bitwise_xor(b, c), 7)
+        return a, b, c, d
+
+    def double_round(i, a, b, c, d):
+        # Column round on the 4 columns at once; diagonal round: rows b, c, d rotated left by 1, 2,
+        # 3 so the diagonals become columns, the same quarter rounds, rotated back.
+        a, b, c, d = quarter(a, b, c, d)
+        a, b, c, d = quarter(a, tf.roll(b, -1, 0), tf.roll(c, -2, 0), tf.roll(d, -3, 0))
+        return i + 1, a, tf.roll(b, 1, 0), tf.roll(c, 2, 0), tf.roll(d, 3, 0)
+
+    key = tf.cast(tf.convert_to_tensor(key), tf.uint32)
+    nonce = tf.cast(tf.convert_to_tensor(nonce), tf.uint32)
+    counters = tf.cast(tf.reshape(counters, [1, -1]), tf.uint32)
+    ones = tf.ones_like(counters)
+    a0 = tf.constant(_CONSTANTS, tf.uint32)[:, None] * ones
+    b0, c0 = key[:4, None] * ones, key[4:, None] * ones
+    d0 = tf.concat([counters, nonce[:, None] * ones], axis=0)
+    _, a, b, c, d = tf.while_loop(
+        lambda i, *_: i < 10, double_round, (tf.constant(0), a0, b0, c0, d0), maximum_iterations=10
+    )
+    return tf.transpose(tf.concat([a + a0, b + b0, c + c0, d + d0], axis=0))
+
+
 def chacha20_blocks(key, nonce, counters):
     """ChaCha20 blocks: `[len(counters), 16]` uint32 words (RFC 8439, §2.3).
 
@@ -212,7 +250,8 @@ def normal(key, shape, step, stream, stddev=1.0, dtype=tf.float32, generator="ch
     per_block = 1 if tf.as_dtype(dtype) == tf.float64 else 2
     chunk_blocks = min(NORMAL_CHUNK // per_block, -(-size // per_block))
     chunks = -(-size // (per_block * chunk_blocks))
-    values = _gaussian_blocks(
+    draw = _gaussian_blocks if chunks > 1 else _small_gaussian_blocks
+    values = draw(
         tf.cast(tf.convert_to_tensor(key), tf.int64),
         _nonce(step, stream),
         tf.cast(stddev, tf.float64),
@@ -278,6 +317,16 @@ def _cos_sin_of_turn(word):
     cos = tf.where(quarter == 0, x, tf.where(quarter == 1, -y, tf.where(quarter == 2, -x, y)))
     sin = tf.where(quarter == 0, y, tf.where(quarter == 1, x, tf.where(quarter == 2, -y, -x)))
     return cos, sin
+
+
+@tf.function(jit_compile=True, autograph=False)
+def _small_gaussian_blocks(key, nonce, stddev, chunk_blocks, chunks, per_block):
+    """`_gaussian_blocks` for one chunk, from `_rolled_blocks` (quick to compile); the same values."""
+    words = tf.unstack(_rolled_blocks(key, nonce, tf.range(chunk_blocks, dtype=tf.int64)), axis=1)
+    scale = 0.5 * stddev
+    if per_block == 1:
+        return _gaussians(words[0:4], scale)
+    return tf.stack([tf.cast(_gaussians(words[i : i + 4], scale), tf.float32) for i in (0, 4)], axis=1)
 
 
 @tf.function(jit_compile=True, autograph=False)

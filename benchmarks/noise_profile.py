@@ -92,8 +92,7 @@ def _stage(key, size, step, upto):
             return tf.reduce_sum(tf.add_n([tf.cast(w, tf.float64) for w in words[:8]]))
         total = 0.0
         for radius_word, angle_word in (words[0:2], words[2:4], words[4:6], words[6:8]):
-            u = (tf.cast(radius_word, tf.float64) + 0.5) * (1.0 / 4294967296.0)
-            term = tf.sqrt(-2.0 * tf.math.log(u))
+            term = tf.sqrt(-2.0 * tf.math.log(prng._unit_interval(radius_word)))
             if upto == "angles":
                 cos, sin = prng._cos_sin_of_turn(angle_word)
                 term = term * (cos + sin)

@@ -37,7 +37,7 @@ class _Noise(canaries.Mechanism):
 class _SamplingRate(canaries.Mechanism):
     """Samples at 1.2 q while everything downstream (normaliser, ledger) believes q."""
 
-    def fit(self, model, ids, sampling_rate, steps, reader):
+    def fit(self, model, ids, sampling_rate, steps, reader, examples_per_user=0):
         data = sampling.poisson_batches(
             (ids, np.zeros(ids.size, np.float32)), 1.2 * sampling_rate, steps_per_epoch=steps
         )
@@ -48,7 +48,7 @@ class _SamplingRate(canaries.Mechanism):
 class _ShuffledBatches(canaries.Mechanism):
     """Fixed-size shuffled batches, accounted as Poisson samples."""
 
-    def fit(self, model, ids, sampling_rate, steps, reader):
+    def fit(self, model, ids, sampling_rate, steps, reader, examples_per_user=0):
         batch = round(sampling_rate * ids.size)
         data = (
             tf.data.Dataset.from_tensor_slices((ids, np.zeros(ids.size, np.float32)))

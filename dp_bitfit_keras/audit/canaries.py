@@ -65,7 +65,7 @@ class CanaryAuditResult:
         return all(self.checks.values())
 
 
-def _canary_model(canaries: int, clip: float):
+def _canary_model(canaries: int):
     ids = keras.Input(shape=(), dtype="int32", name="canary")
     table = keras.layers.Embedding(canaries, 1, embeddings_initializer="zeros", name="canaries")
     return keras.Model(ids, table(ids)), table
@@ -205,15 +205,13 @@ def canary_audit(
     sigma = accounting.noise_multiplier_for_epsilon(target_epsilon, sampling_rate, steps, delta, accountant)
     claimed = accounting.compute_epsilon(sigma, sampling_rate, steps, delta, accountant)
     mechanism = _mechanism or _honest
-    model_fn, table = _canary_model(canaries, l2_norm_clip)
+    model_fn, table = _canary_model(canaries)
     optimizer = mechanism.optimizer(sigma, l2_norm_clip, accountant)
     model = DPModel(model_fn, trainable="all")
     model.compile(optimizer=optimizer, loss=_linear_loss(l2_norm_clip), gradient_method=gradient_method)
     reader = _Reader(table)
-    if examples_per_user:
-        mechanism.fit(model, np.repeat(ids, examples_per_user), sampling_rate, steps, reader, examples_per_user)
-    else:
-        mechanism.fit(model, ids, sampling_rate, steps, reader)
+    rows = np.repeat(ids, examples_per_user) if examples_per_user else ids
+    mechanism.fit(model, rows, sampling_rate, steps, reader, examples_per_user)
     if len(reader.snapshots) != steps + 1:
         raise RuntimeError(f"The audited run took {len(reader.snapshots) - 1} steps, not {steps}.")
     weights = np.stack(reader.snapshots)

@@ -29,6 +29,8 @@ import scipy.optimize
 import scipy.special
 import scipy.stats
 
+from dp_bitfit_keras.privacy import accounting
+
 _norm = scipy.stats.norm
 _binom = scipy.stats.binom
 
@@ -234,8 +236,6 @@ def family_epsilon(
     independent per coordinate). The one-run bounds need no such assumption; the two-sided
     checks of `canary_audit` flag implementations that couple coordinates.
     """
-    from dp_bitfit_keras.privacy import accounting as _accounting
-
     _, tp, fp = roc_counts(in_scores, out_scores)
     n_in, n_out = len(in_scores), len(out_scores)
     alpha = significance / (2 * len(tp))
@@ -255,7 +255,7 @@ def family_epsilon(
     while hi / lo > 1.005:  # bisection on log σ′: more noise, a higher curve, easier to reject
         mid = float(np.sqrt(lo * hi))
         lo, hi = (lo, mid) if rejected(mid) else (mid, hi)
-    return float(_accounting.compute_epsilon(hi, sampling_rate, steps, delta, accountant)), float(hi)
+    return float(accounting.compute_epsilon(hi, sampling_rate, steps, delta, accountant)), float(hi)
 
 
 __all__ = [

@@ -114,6 +114,18 @@ def _rotl(x, bits):
     )
 
 
+def _quarter_round(a, b, c, d):
+    a = a + b
+    d = _rotl(tf.bitwise.bitwise_xor(d, a), 16)
+    c = c + d
+    b = _rotl(tf.bitwise.bitwise_xor(b, c), 12)
+    a = a + b
+    d = _rotl(tf.bitwise.bitwise_xor(d, a), 8)
+    c = c + d
+    b = _rotl(tf.bitwise.bitwise_xor(b, c), 7)
+    return a, b, c, d
+
+
 def _block_words(key, nonce, counters):
     """The 16 words of the ChaCha20 blocks at `counters` (`[m]`): a list of 16 `[m]` uint32 tensors.
 
@@ -134,14 +146,7 @@ def _block_words(key, nonce, counters):
     s = list(initial)
     for _ in range(10):
         for a, b, c, d in _DOUBLE_ROUND:
-            s[a] = s[a] + s[b]
-            s[d] = _rotl(tf.bitwise.bitwise_xor(s[d], s[a]), 16)
-            s[c] = s[c] + s[d]
-            s[b] = _rotl(tf.bitwise.bitwise_xor(s[b], s[c]), 12)
-            s[a] = s[a] + s[b]
-            s[d] = _rotl(tf.bitwise.bitwise_xor(s[d], s[a]), 8)
-            s[c] = s[c] + s[d]
-            s[b] = _rotl(tf.bitwise.bitwise_xor(s[b], s[c]), 7)
+            s[a], s[b], s[c], s[d] = _quarter_round(s[a], s[b], s[c], s[d])
     return [w + w0 for w, w0 in zip(s, initial)]
 
 
@@ -151,22 +156,11 @@ def _rolled_blocks(key, nonce, counters):
     millions of blocks (the state is written to memory at every round). Draws of one chunk or
     less use it: there XLA's compile time, not the draw, is what a step pays."""
 
-    def quarter(a, b, c, d):
-        a = a + b
-        d = _rotl(tf.bitwise.bitwise_xor(d, a), 16)
-        c = c + d
-        b = _rotl(tf.bitwise.bitwise_xor(b, c), 12)
-        a = a + b
-        d = _rotl(tf.bitwise.bitwise_xor(d, a), 8)
-        c = c + d
-        b = _rotl(tf.bitwise.bitwise_xor(b, c), 7)
-        return a, b, c, d
-
     def double_round(i, a, b, c, d):
         # Column round on the 4 columns at once; diagonal round: rows b, c, d rotated left by 1, 2,
         # 3 so the diagonals become columns, the same quarter rounds, rotated back.
-        a, b, c, d = quarter(a, b, c, d)
-        a, b, c, d = quarter(a, tf.roll(b, -1, 0), tf.roll(c, -2, 0), tf.roll(d, -3, 0))
+        a, b, c, d = _quarter_round(a, b, c, d)
+        a, b, c, d = _quarter_round(a, tf.roll(b, -1, 0), tf.roll(c, -2, 0), tf.roll(d, -3, 0))
         return i + 1, a, tf.roll(b, 1, 0), tf.roll(c, 2, 0), tf.roll(d, 3, 0)
 
     key = tf.cast(tf.convert_to_tensor(key), tf.uint32)
@@ -226,9 +220,9 @@ def normal(key, shape, step, stream, stddev=1.0, dtype=tf.float32, generator="ch
     """N(0, stddev²) samples of static `shape`, each the sum of 4 Gaussians (see module doc).
 
     Value 2b + k (k = 0, 1) comes from words 4k … 4k + 3 of ChaCha20 block b of the stream
-    (key, nonce = (stream, step)); for float64, value b from words 0 … 3 of block b. The draw is XLA-compiled wherever it is called (see
-    `_gaussian_blocks`) and runs `NORMAL_CHUNK` values at a time, so its memory stays bounded;
-    the values do not depend on the chunk size.
+    (key, nonce = (stream, step)); for float64, value b from words 0 … 3 of block b. The draw
+    is XLA-compiled wherever it is called (see `_gaussian_blocks`) and runs `NORMAL_CHUNK`
+    values at a time, so its memory stays bounded; the values do not depend on the chunk size.
 
     `generator="philox"`: TensorFlow's `stateless_normal` keyed by 64 bits of the key instead
     (not cryptographic, one sample per value); only to measure what the secure path costs.
@@ -250,15 +244,11 @@ def normal(key, shape, step, stream, stddev=1.0, dtype=tf.float32, generator="ch
     per_block = 1 if tf.as_dtype(dtype) == tf.float64 else 2
     chunk_blocks = min(NORMAL_CHUNK // per_block, -(-size // per_block))
     chunks = -(-size // (per_block * chunk_blocks))
-    draw = _gaussian_blocks if chunks > 1 else _small_gaussian_blocks
-    values = draw(
-        tf.cast(tf.convert_to_tensor(key), tf.int64),
-        _nonce(step, stream),
-        tf.cast(stddev, tf.float64),
-        chunk_blocks=chunk_blocks,
-        chunks=chunks,
-        per_block=per_block,
-    )
+    args = (tf.cast(tf.convert_to_tensor(key), tf.int64), _nonce(step, stream), tf.cast(stddev, tf.float64))
+    if chunks > 1:
+        values = _gaussian_blocks(*args, chunk_blocks=chunk_blocks, chunks=chunks, per_block=per_block)
+    else:
+        values = _small_gaussian_blocks(*args, blocks=chunk_blocks, per_block=per_block)
     return tf.cast(tf.reshape(tf.reshape(values, [-1])[:size], shape), dtype)
 
 
@@ -275,8 +265,7 @@ def _gaussians(words, scale):
     """
     total = 0.0
     for radius_word, angle_word in (words[0:2], words[2:4]):
-        u = (tf.cast(radius_word, tf.float64) + 0.5) * (1.0 / 4294967296.0)  # in (0, 1)
-        radius = tf.sqrt(-2.0 * tf.math.log(u))
+        radius = tf.sqrt(-2.0 * tf.math.log(_unit_interval(radius_word)))
         cos, sin = _cos_sin_of_turn(angle_word)
         total += radius * (cos + sin)
     return total * scale
@@ -320,9 +309,9 @@ def _cos_sin_of_turn(word):
 
 
 @tf.function(jit_compile=True, autograph=False)
-def _small_gaussian_blocks(key, nonce, stddev, chunk_blocks, chunks, per_block):
+def _small_gaussian_blocks(key, nonce, stddev, blocks, per_block):
     """`_gaussian_blocks` for one chunk, from `_rolled_blocks` (quick to compile); the same values."""
-    words = tf.unstack(_rolled_blocks(key, nonce, tf.range(chunk_blocks, dtype=tf.int64)), axis=1)
+    words = tf.unstack(_rolled_blocks(key, nonce, tf.range(blocks, dtype=tf.int64)), axis=1)
     scale = 0.5 * stddev
     if per_block == 1:
         return _gaussians(words[0:4], scale)

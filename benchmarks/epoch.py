@@ -102,6 +102,8 @@ def _build(mode, shape):
     base = harness.build_base(shape)
     batch = shape["batch"]
     trainable = "bias" if "bitfit" in mode else "all"
+    if shape["model"] == "llama" and trainable == "bias":
+        dpk.add_biases(base)  # Llama has no biases: zero-initialised ones, as in the harness
     if not mode.startswith("dp_"):
         micro = int(mode.split("_mb")[1]) if "_mb" in mode else batch
         if trainable == "bias":
@@ -165,15 +167,16 @@ def main(_):
     opacus = [m for m in FLAGS.modes if m in OPACUS_MODES]
     ours = [m for m in FLAGS.modes if m not in legacy and m not in opacus]
     if (legacy or opacus) and shape["model"] != "bert":
-        raise app.UsageError("The peers build BERT shapes only.")
+        raise app.UsageError("The peers' epoch modes build BERT shapes only (decoder peers: opacus_bench.py's steps).")
     if legacy and not harness.legacy_available():
         raise app.UsageError(f"{legacy} need tf_keras: `uv run --extra legacy python benchmarks/epoch.py ...`")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    x, y = epoch_data(shape, n)
+    x, y, *w = epoch_data(shape, n)  # decoders: per-token weights too
+    weights = dict(sample_weight=w[0]) if w else {}
     runners, models = {}, {}
     for mode in ours:
         model, kwargs = _build(mode, shape)
-        runners[mode] = lambda model=model, kwargs=kwargs: model.fit(x, y, epochs=1, verbose=0, **kwargs)
+        runners[mode] = lambda model=model, kwargs=kwargs: model.fit(x, y, epochs=1, verbose=0, **kwargs, **weights)
         models[mode] = model
     times = time_epochs(runners, FLAGS.epochs, log)
     chunks = {mode: getattr(model, "_chunk", None) for mode, model in models.items()}
@@ -240,8 +243,9 @@ def markdown(report: dict) -> str:
     shape, n = report["shape"], report["examples"]
     epochs = len(report["rows"][0]["epoch_times_s"])
     dims = (
-        f"BERT {shape['layers']} layers x {shape['hidden']}, seq {shape['seq']}"
-        if shape["model"] == "bert"
+        f"{shape['model'].upper() if shape['model'] == 'bert' else shape['model']} {shape['layers']} layers x "
+        f"{shape['hidden']}, seq {shape['seq']}"
+        if "seq" in shape
         else f"ViT {shape['layers']} layers x {shape['hidden']}, {shape['image']}x{shape['image']} images, patch {shape['patch']}"
     )
     fmt = lambda v: "" if v is None else f"{v:.2f}"  # noqa: E731

@@ -50,7 +50,19 @@ SHAPES = {
     "epoch_small": dict(model="bert", batch=128, seq=64, layers=2, hidden=128),
     "text": dict(model="bert", batch=128, seq=64, layers=6, hidden=384),
     "tiny_vit": dict(model="vit", batch=4, image=16, patch=8, layers=1, hidden=32),
+    # Decoder LMs (keras-hub causal LMs, random init, next-token loss weighted by the padding
+    # mask): GPT-2 (biases, LayerNorm, tied embedding) and Llama (no biases: the bias modes add
+    # them with `dpk.add_biases`; RMSNorm, grouped-query attention, untied head). A reduced width
+    # and vocabulary so that T = 2,048 runs on 2 CPU cores; `--sweep=seq --seqs=128,...,2048`.
+    "gpt2": dict(model="gpt2", batch=4, seq=512, layers=2, hidden=256, vocab=8192),
+    "llama": dict(model="llama", batch=4, seq=512, layers=2, hidden=256, vocab=8192),
+    # Per-epoch decoder shapes (benchmarks/epoch.py): expected batch 16 at T = 256.
+    "gpt2_epoch": dict(model="gpt2", batch=16, seq=256, layers=2, hidden=256, vocab=8192),
+    "llama_epoch": dict(model="llama", batch=16, seq=256, layers=2, hidden=256, vocab=8192),
+    "tiny_gpt2": dict(model="gpt2", batch=2, seq=16, layers=1, hidden=32, vocab=128),
+    "tiny_llama": dict(model="llama", batch=2, seq=16, layers=1, hidden=32, vocab=128),
 }
+DECODERS = ("gpt2", "llama")
 
 # mode: (variables, private), as in the example recipes. More families: MODE_BUILDERS.
 MODES = {m: recipes.METHODS[m] for m in ("full", "bitfit", "dp_bitfit", "dp_bitfit_head", "dp_full", "lora", "dp_lora")}
@@ -130,14 +142,48 @@ def build_base(shape: dict) -> keras.Model:
         model = keras_hub.models.ViTImageClassifier(backbone, num_classes=10, preprocessor=None)
         model(tf.zeros((1, shape["image"], shape["image"], 3)))
         return model
+    if shape["model"] in DECODERS:
+        heads = max(shape["hidden"] // 64, 1)
+        if shape["model"] == "gpt2":
+            backbone = keras_hub.models.GPT2Backbone(
+                vocabulary_size=shape["vocab"],
+                num_layers=shape["layers"],
+                num_heads=heads,
+                hidden_dim=shape["hidden"],
+                intermediate_dim=4 * shape["hidden"],
+                dropout=0.0,
+                max_sequence_length=shape["seq"],
+            )
+            model = keras_hub.models.GPT2CausalLM(backbone, preprocessor=None)
+        else:
+            backbone = keras_hub.models.LlamaBackbone(
+                vocabulary_size=shape["vocab"],
+                num_layers=shape["layers"],
+                num_query_heads=heads,
+                num_key_value_heads=max(heads // 2, 1),
+                hidden_dim=shape["hidden"],
+                intermediate_dim=64 * round(8 * shape["hidden"] / 3 / 64),  # Llama's SwiGLU width
+            )
+            model = keras_hub.models.LlamaCausalLM(backbone, preprocessor=None)
+        x, _, _ = batch(shape, 1)
+        model(x)
+        return model
     raise ValueError(f"unknown model kind {shape['model']!r}")
 
 
 def batch(shape: dict, batch_size: int | None = None):
-    """A fixed synthetic batch (timing and memory do not depend on the values)."""
+    """A fixed synthetic batch (timing and memory do not depend on the values): `(x, y)`, or for
+    decoders `(x, y, w)` with per-token weights `w` (the padding mask; the last quarter of every
+    sequence is padding)."""
     b = batch_size or shape["batch"]
     if shape["model"] == "bert":
         return bert_batch(b, shape["seq"])
+    if shape["model"] in DECODERS:
+        t = shape["seq"]
+        ids = tf.random.stateless_uniform((b, t + 1), (1, 2), 1, shape["vocab"], tf.int32)
+        mask = tf.tile(tf.range(t)[None] < t - t // 4, [b, 1])
+        x = {"token_ids": ids[:, :-1], "padding_mask": mask}
+        return x, ids[:, 1:], tf.cast(mask, tf.float32)
     s = shape["image"]
     x = tf.random.stateless_uniform((b, s, s, 3), (1, 2))
     return x, tf.random.stateless_uniform((b,), (3, 4), 0, 10, tf.int32)
@@ -182,6 +228,8 @@ def _build_standard(shape, mode):
     )
     trainable, private = MODES[base_mode]
     base = build_base(shape)
+    if shape["model"] == "llama" and "bias" in trainable:
+        dpk.add_biases(base)  # Llama has none: zero-initialised ones, the model's outputs unchanged
     if trainable.startswith("lora"):
         dpk.enable_lora(base, recipes.LORA_RANK)
     if private:
@@ -306,9 +354,9 @@ def trainable_params(model) -> int:
     return int(sum(np.prod(v.shape) for v in model.trainable_variables))
 
 
-def xla_step_memory_mb(model, x, y) -> float | None:
-    """Peak memory of `model.train_step` compiled by XLA (compile only, nothing runs)."""
-    return xla_memory.step_memory_mb(model.train_step, x, y)
+def xla_step_memory_mb(model, *data) -> float | None:
+    """Peak memory of `model.train_step(data)` compiled by XLA (compile only, nothing runs)."""
+    return xla_memory.step_memory_mb(model.train_step, *data)
 
 
 def run_modes(shape: dict, modes, repeats: int = 5, warmup: int = 2, log=print) -> dict:
@@ -320,7 +368,7 @@ def run_modes(shape: dict, modes, repeats: int = 5, warmup: int = 2, log=print) 
     check_modes(shape, modes)
     legacy = [m for m in modes if m in LEGACY_MODES]
     ours = [m for m in modes if m not in LEGACY_MODES]
-    x, y = batch(shape)
+    data = batch(shape)
     runners, info = {}, {}
     for mode in ours:
         log(f"[{mode}] build + compile ...")
@@ -328,16 +376,16 @@ def run_modes(shape: dict, modes, repeats: int = 5, warmup: int = 2, log=print) 
             tf.config.experimental.reset_memory_stats("GPU:0")
         model = build(shape, mode)
         for _ in range(warmup):
-            model.train_on_batch(x, y)
+            model.train_on_batch(*data)
         per_example = isinstance(model, dpk.DPModel) and not isinstance(model, dpk.methods.DPZeroModel)
         fallback = bool(dpk.last_pfor_fallbacks()) if per_example else False
         if gpu():
             peak = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
         else:
-            peak = xla_step_memory_mb(model, x, y)
+            peak = xla_step_memory_mb(model, *data)
         runners[mode] = model
         info[mode] = dict(trainable_params=trainable_params(model), pfor_fallback=fallback, peak_mem_mb=peak, times=[])
-    for mode, times in time_interleaved(runners, x, y, repeats, log).items():
+    for mode, times in time_interleaved(runners, data, repeats, log).items():
         info[mode]["times"] = times
     by_mode = {
         mode: result_row(mode, r["times"], shape["batch"], r["peak_mem_mb"], r["trainable_params"], r["pfor_fallback"])
@@ -391,7 +439,7 @@ def markdown(report: dict) -> str:
 
 
 def seq_sweep(shape: dict, modes, seqs, repeats=3, warmup=1, log=print) -> dict:
-    """`run_modes` at each sequence length (BERT shapes)."""
+    """`run_modes` at each sequence length (BERT and decoder shapes)."""
     reports = []
     for t in seqs:
         log(f"== seq {t}")

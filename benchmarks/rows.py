@@ -25,11 +25,18 @@ def epoch_data(shape: dict, n: int):
     """`n` synthetic training examples for epoch timing (NumPy; the same in every process).
 
     BERT: random tokens with lengths uniform in [8, seq] (the rest padding), alternating labels;
+    decoders (shapes with a `vocab`): the same lengths, `(x, next tokens, per-token weights)`;
     ViT: uniform images, labels 0..9 in turn.
     """
     import numpy as np
 
     rng = np.random.RandomState(0)
+    if "vocab" in shape:  # a decoder: (x, next tokens, per-token weights = the padding mask)
+        seq = shape["seq"]
+        mask = np.arange(seq)[None] < rng.randint(8, seq + 1, n)[:, None]
+        ids = rng.randint(1, shape["vocab"], (n, seq + 1)).astype("int32")
+        x = {"token_ids": ids[:, :-1] * mask, "padding_mask": mask}
+        return x, ids[:, 1:] * mask, mask.astype("float32")
     if shape["model"] == "bert":
         seq = shape["seq"]
         mask = np.arange(seq)[None] < rng.randint(8, seq + 1, n)[:, None]
@@ -75,9 +82,10 @@ def result_row(
     }
 
 
-def time_interleaved(runners: dict, x, y, repeats: int, log=print) -> dict:
-    """Seconds of `repeats` `train_on_batch` steps per model, the models interleaved per round
-    (so drift in the machine's speed hits every mode alike)."""
+def time_interleaved(runners: dict, data: tuple, repeats: int, log=print) -> dict:
+    """Seconds of `repeats` `train_on_batch(*data)` steps per model (`data`: `(x, y)` or
+    `(x, y, sample_weight)`), the models interleaved per round (so drift in the machine's speed
+    hits every mode alike)."""
     import time
 
     times = {mode: [] for mode in runners}
@@ -85,6 +93,6 @@ def time_interleaved(runners: dict, x, y, repeats: int, log=print) -> dict:
         log(f"timing round {i + 1}/{repeats}")
         for mode, model in runners.items():
             start = time.perf_counter()
-            model.train_on_batch(x, y)
+            model.train_on_batch(*data)
             times[mode].append(time.perf_counter() - start)
     return times

@@ -264,7 +264,7 @@ def run_modes(shape: dict, modes, repeats: int = 5, warmup: int = 2, log=print) 
             peak_mem_mb=xla_memory.step_memory_mb(model.train_step, x, y),
             times=[],
         )
-    for mode, times in time_interleaved(runners, x, y, repeats, log).items():
+    for mode, times in time_interleaved(runners, (x, y), repeats, log).items():
         info[mode]["times"] = times
     results = [
         result_row(

@@ -53,8 +53,8 @@ def main(_):
         report = harness.run_modes(shape, FLAGS.modes, FLAGS.repeats, FLAGS.warmup, log=log)
         table, plot = harness.markdown(report), harness.plot_report
     elif FLAGS.sweep == "seq":
-        if shape["model"] != "bert":
-            raise app.UsageError("--sweep=seq needs a BERT shape.")
+        if "seq" not in shape:
+            raise app.UsageError("--sweep=seq needs a text shape (BERT or a decoder).")
         report = harness.seq_sweep(shape, FLAGS.modes, FLAGS.seqs, FLAGS.repeats, FLAGS.warmup, log=log)
         table, plot = harness.seq_markdown(report), harness.plot_seq
     else:

@@ -29,8 +29,9 @@ if "xla_dump_to" not in os.environ.get("XLA_FLAGS", ""):
 _TOTAL = re.compile(r"Total bytes used: (\d+)")
 
 
-def step_memory_mb(train_step, x, y) -> float | None:
-    """Peak memory (MB) of `train_step((x, y))` compiled by XLA (compile only).
+def step_memory_mb(train_step, *data) -> float | None:
+    """Peak memory (MB) of `train_step(data)` compiled by XLA (compile only); `data` is
+    `(x, y)` or `(x, y, sample_weight)`.
 
     None when XLA's dump is not configured (this module imported after TF compiled anything).
     """
@@ -38,10 +39,10 @@ def step_memory_mb(train_step, x, y) -> float | None:
 
     before = set(glob.glob(os.path.join(DUMP_DIR, "*memory-usage-report.txt")))
 
-    def memory_probe(x, y):
-        return train_step((x, y))
+    def memory_probe(*data):
+        return train_step(data)
 
-    tf.function(memory_probe, jit_compile=True).experimental_get_compiler_ir(x, y)(stage="optimized_hlo")
+    tf.function(memory_probe, jit_compile=True).experimental_get_compiler_ir(*data)(stage="optimized_hlo")
     new = set(glob.glob(os.path.join(DUMP_DIR, "*memory-usage-report.txt"))) - before
     totals = []
     for path in new:

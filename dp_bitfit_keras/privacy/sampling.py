@@ -145,6 +145,13 @@ def poisson_batches(
 
 def user_index(user_ids, max_examples_per_user):
     """(user of each row as 0 … U − 1, whether the row is among its user's first k, U)."""
+    users, rank, count = user_ranks(user_ids, max_examples_per_user)
+    return users, rank < max_examples_per_user, count
+
+
+def user_ranks(user_ids, max_examples_per_user):
+    """(user of each row as 0 … U − 1 in id order, the row's rank among its user's rows in data
+    order, U), after checking `user_ids` and k."""
     if not (isinstance(max_examples_per_user, int) and max_examples_per_user >= 1):
         raise ValueError(
             "User-level sampling needs max_examples_per_user=k (an int >= 1): each row is clipped at "
@@ -159,7 +166,7 @@ def user_index(user_ids, max_examples_per_user):
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     rank = np.empty_like(users)
     rank[order] = np.arange(users.size) - np.repeat(starts, counts)
-    return users.astype(np.int32), rank < max_examples_per_user, int(counts.size)
+    return users.astype(np.int32), rank, int(counts.size)
 
 
 def poisson_batches_from_tensors(

@@ -25,6 +25,7 @@ from dp_bitfit_keras.methods.two_phase import two_phase_fit
 from dp_bitfit_keras.model import DPModel
 from dp_bitfit_keras.optimizer import DPOptimizer
 from dp_bitfit_keras.selection import apply_selection, enable_lora, head_layer, select_variables
+from dp_bitfit_keras.users import PerUserModel, pack_users
 
 METHODS = {
     # name: (variables, private)
@@ -59,6 +60,8 @@ DPZERO_CLIP = 200.0  # the paper's C for the per-example scalar
 DEFAULT_LEARNING_RATES = {"all": 1e-4, "bias": 5e-3, "bias+head": 1e-2, "lora+head": 2e-3}
 LORA_RANK = 8
 LR_SCHEDULES = ("constant", "linear")
+# User level: each row clipped at C/k, or each user's packed rows clipped together at C.
+USER_CLIPPING = ("rows", "sum")
 TWO_PHASE_METHODS = ("sparta", "sparta_signed", "two_phase")  # run by their own fit functions (methods/)
 OWN_OPTIMIZER_METHODS = (
     *TWO_PHASE_METHODS,
@@ -136,7 +139,8 @@ class RunResult:
     @property
     def base_model(self) -> keras.Model:
         """The trained Keras model itself (unwrapped from DPModel): what gets exported."""
-        return self.model.model if isinstance(self.model, DPModel) else self.model
+        model = self.model.model if isinstance(self.model, DPModel) else self.model
+        return model.model if isinstance(model, PerUserModel) else model
 
     def as_dict(self):
         # Not dataclasses.asdict: it would deep-copy (pickle) the trained model first.
@@ -167,6 +171,7 @@ def train(
     noise_multiplier: float | None = None,
     user_ids=None,
     max_examples_per_user: int | None = None,
+    user_clipping: str = "rows",
     verbose: int = 1,
     callbacks=(),
 ) -> RunResult:
@@ -214,6 +219,10 @@ def train(
             Poisson-sampled, `batch_size` is the expected number of users per step, each row is
             clipped at C/k and ε (δ default 1/(2·users)) protects each user. DP-BiTFiT, DP full
             and DP-LoRA only.
+        user_clipping: with `user_ids`: `"rows"` (default) clips each row at C/k
+            (`DPModel.fit(user_ids=...)`); `"sum"` packs each user's rows into one example
+            (`dpk.pack_users`, `dpk.PerUserModel`) and clips the gradient of the user's mean
+            row loss once at C (per-user gradients by vectorized_map).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}; got {method!r}.")
@@ -250,6 +259,8 @@ def train(
     ema = {} if ema_momentum is None else dict(use_ema=True, ema_momentum=ema_momentum)
     if user_ids is not None and (not private or method in TWO_PHASE_METHODS or method == "dpzero"):
         raise ValueError(f"user_ids applies to DP-BiTFiT, DP full and DP-LoRA, not {method}.")
+    if user_clipping not in USER_CLIPPING:
+        raise ValueError(f"user_clipping must be one of {USER_CLIPPING}; got {user_clipping!r}.")
     keras.utils.set_random_seed(seed)
     x_train, y_train = train_data
     n = len(y_train) if user_ids is None else len(np.unique(user_ids))  # privacy units
@@ -317,6 +328,9 @@ def train(
         if method == "dpzero":
             model = dpzero(base, trainable=trainable)
             inner, clip = keras.optimizers.SGD(lr), DPZERO_CLIP
+        elif user_ids is not None and user_clipping == "sum":
+            model = DPModel(PerUserModel(base, max_examples_per_user), trainable=trainable)
+            inner, clip = OPTIMIZERS[optimizer](lr, **ema), l2_norm_clip
         else:
             model = DPModel(base, trainable=trainable)
             inner, clip = OPTIMIZERS[optimizer](lr, **ema), l2_norm_clip
@@ -338,8 +352,15 @@ def train(
             metrics=["accuracy"],
         )
         selection = model.selection
-        users = {} if user_ids is None else dict(user_ids=user_ids, max_examples_per_user=max_examples_per_user)
-        model.fit(x_train, y_train, callbacks=[timer, PrivacyCallback(delta=delta), *callbacks], **fit_kwargs, **users)
+        cbs = [timer, PrivacyCallback(delta=delta), *callbacks]
+        if isinstance(model.model, PerUserModel):  # users packed as examples, validated on rows
+            x_users, y_users, w_users = pack_users(x_train, y_train, user_ids, max_examples_per_user)
+            row_model = _evaluable(model.model.model, loss)
+            cbs.append(_RowValidation(row_model, validation_data))
+            model.fit(x_users, y_users, sample_weight=w_users, callbacks=cbs, **dict(fit_kwargs, validation_data=None))
+        else:
+            users = {} if user_ids is None else dict(user_ids=user_ids, max_examples_per_user=max_examples_per_user)
+            model.fit(x_train, y_train, callbacks=cbs, **fit_kwargs, **users)
     else:
         model = base
         selection = select_variables(model, trainable)
@@ -349,19 +370,41 @@ def train(
     # SPARTA trains the kept entries of its kernels (and the head whole) only.
     num_trainable = sparse_trainable if method.startswith("sparta") else selection.num_trainable
     eps = model.privacy_spent(delta)[0] if private else math.inf
+    evaluated = (
+        _evaluable(model.model.model, loss) if isinstance(getattr(model, "model", None), PerUserModel) else model
+    )
     return RunResult(
         method=method,
         epsilon=eps,
         delta=delta,
         noise_multiplier=model.optimizer.noise_multiplier if private else None,
-        validation_accuracy=float(model.evaluate(*validation_data, verbose=0, return_dict=True)["accuracy"]),
-        test_accuracy=float(model.evaluate(*test_data, verbose=0, return_dict=True)["accuracy"]),
+        validation_accuracy=float(evaluated.evaluate(*validation_data, verbose=0, return_dict=True)["accuracy"]),
+        test_accuracy=float(evaluated.evaluate(*test_data, verbose=0, return_dict=True)["accuracy"]),
         ms_per_step=timer.ms_per_step,
         trainable_params=num_trainable,
         trainable_fraction=num_trainable / max(selection.num_total, 1),
         steps=model.optimizer.dp_steps if private else int(model.optimizer.iterations.numpy()),
         model=model,
     )
+
+
+def _evaluable(row_model: keras.Model, loss) -> keras.Model:
+    """The row-level model inside a PerUserModel, compiled for evaluation (not for training)."""
+    row_model.compile(loss=loss, metrics=["accuracy"])
+    return row_model
+
+
+class _RowValidation(keras.callbacks.Callback):
+    """Validation of a packed-users run on the validation rows, logged as Keras' `val_` keys."""
+
+    def __init__(self, row_model, validation_data):
+        super().__init__()
+        self.row_model, self.validation_data = row_model, validation_data
+
+    def on_epoch_end(self, epoch, logs=None):
+        result = self.row_model.evaluate(*self.validation_data, verbose=0, return_dict=True)
+        if logs is not None:
+            logs.update({f"val_{k}": v for k, v in result.items()})
 
 
 def zero_head(model: keras.Model) -> None:

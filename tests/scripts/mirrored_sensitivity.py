@@ -19,12 +19,17 @@ import dp_bitfit_keras as dpk  # noqa: E402
 C, LR, N, Q = 1.0, 0.3, 16, 0.5
 
 
-def released(strategy, x, y, method, trainable):
+def released(strategy, x, y, method, trainable, weights=None):
+    """One released update; `method="per_user"`: x, y packed by user ([users, k, ...]), each
+    user's gradient clipped as a whole (a PerUserModel: user-level privacy under the strategy)."""
     with strategy.scope():
         keras.utils.set_random_seed(0)
         inputs = keras.Input((4,))
         hidden = keras.layers.Dense(8, activation="tanh")(inputs)
-        model = dpk.DPModel(keras.Model(inputs, keras.layers.Dense(2)(hidden)), trainable=trainable)
+        base = keras.Model(inputs, keras.layers.Dense(2)(hidden))
+        if method == "per_user":
+            base, method = dpk.PerUserModel(base, x.shape[1]), "vectorized"
+        model = dpk.DPModel(base, trainable=trainable)
         optimizer = dpk.DPOptimizer(keras.optimizers.SGD(LR), C, noise_multiplier=1.0, seed=7)
         model.compile(
             optimizer=optimizer,
@@ -33,7 +38,8 @@ def released(strategy, x, y, method, trainable):
             physical_batch_size=None,
         )
     before = [v.numpy().copy() for v in model.selection.variables]
-    data = dpk.poisson_batches((x, y), Q, int(Q * N), steps_per_epoch=1, seed=1)  # same rows both times
+    examples = (x, y) if weights is None else (x, y, weights)
+    data = dpk.poisson_batches(examples, Q, int(Q * len(y)), steps_per_epoch=1, seed=1)  # same rows both times
     with warnings.catch_warnings(), strategy.scope():
         warnings.simplefilter("ignore")  # the explicit seeds
         model.fit(data, epochs=1, verbose=0)
@@ -54,4 +60,17 @@ for method, trainable in (("vectorized", "all"), ("bookkeeping", "all"), ("vecto
         a, b = released(strategy, x, y, method, trainable), released(strategy, x2, y2, method, trainable)
         distances.append(float(np.linalg.norm(a - b)))
     moved[f"{method}/{trainable}"] = distances
+# User level: N users of 2 rows each, packed; the neighbour replaces one user's two rows.
+users = np.arange(2 * N) // 2
+xr = rng.normal(size=(2 * N, 4)).astype(np.float32)
+yr = rng.integers(0, 2, 2 * N).astype(np.int32)
+xu, yu, wu = dpk.pack_users(xr, yr, users, 2)
+distances = []
+for user in range(3):
+    x2, y2 = xu.copy(), yu.copy()
+    x2[user], y2[user] = 1e3, 1 - yu[user]
+    a = released(strategy, xu, yu, "per_user", "all", wu)
+    b = released(strategy, x2, y2, "per_user", "all", wu)
+    distances.append(float(np.linalg.norm(a - b)))
+moved["per_user/all"] = distances
 print(json.dumps({"replicas": strategy.num_replicas_in_sync, "bound": LR * 2 * C / (Q * N), "moved": moved}))

@@ -92,10 +92,15 @@ RATIOS = [
     ("tfp_legacy_bitfit", "tf_keras_bitfit"),
     ("full", "tf_keras_full"),
     ("dp_bitfit", "dp_bitfit_philox"),  # the cost of the secure noise generator
+    ("dp_bitfit_vectorized", "bitfit"),  # bias gradients by vectorized_map (auto: book-keeping where it covers all)
+    ("dp_bitfit", "dp_bitfit_vectorized"),
+    ("dp_bitfit_bookkeeping", "bitfit"),
+    ("dp_bitfit_bookkeeping", "dp_bitfit"),
     ("dp_full", "dp_full_philox"),
 ]
 MEMORY_RATIOS = [
     ("dp_bitfit", "bitfit"),
+    ("dp_bitfit_vectorized", "bitfit"),
     ("dp_full", "full"),
     ("dp_full_vectorized", "full"),
     ("dp_lora", "lora"),
@@ -223,8 +228,10 @@ def _build_standard(shape, mode):
     # `<mode>_vectorized`: per-example gradients of every variable by vectorized_map (the path
     # before book-keeping), for comparison.
     base_mode, generator = (mode[: -len("_philox")], "philox") if mode.endswith("_philox") else (mode, "chacha20")
-    base_mode, method = (
-        (base_mode[: -len("_vectorized")], "vectorized") if base_mode.endswith("_vectorized") else (base_mode, "auto")
+    # `<mode>_bookkeeping`: every covered variable (biases included) by book-keeping.
+    base_mode, method = next(
+        ((base_mode[: -len(f"_{m}")], m) for m in ("vectorized", "bookkeeping") if base_mode.endswith(f"_{m}")),
+        (base_mode, "auto"),
     )
     trainable, private = MODES[base_mode]
     base = build_base(shape)
@@ -285,7 +292,10 @@ def _build_no_noise(shape, mode):
 # one step of that mode. Other method families add theirs here.
 MODE_BUILDERS = {mode: _build_standard for mode in MODES}
 MODE_BUILDERS.update({f"{mode}_philox": _build_standard for mode in ("dp_bitfit", "dp_full")})
-MODE_BUILDERS.update({f"{mode}_vectorized": _build_standard for mode in ("dp_full", "dp_lora", "dp_bitfit_head")})
+MODE_BUILDERS.update(
+    {f"{mode}_vectorized": _build_standard for mode in ("dp_full", "dp_lora", "dp_bitfit", "dp_bitfit_head")}
+)
+MODE_BUILDERS.update({f"{mode}_bookkeeping": _build_standard for mode in ("dp_bitfit", "dp_bitfit_head")})
 MODE_BUILDERS.update({f"{mode}_nonoise": _build_no_noise for mode in ("dp_full", "dp_lora")})
 MODE_BUILDERS["dpzero"] = _build_dpzero
 MODE_BUILDERS["sparta"] = _build_sparta
@@ -521,10 +531,12 @@ def seq_markdown(sweep: dict) -> str:
 
 SEQ_RATIOS = (
     "dp_bitfit/bitfit",
+    "dp_bitfit_vectorized/bitfit",
     "dp_lora/lora",
     "dp_full/full",
     "dp_bitfit/full",
     "mem dp_bitfit/bitfit",
+    "mem dp_bitfit_vectorized/bitfit",
     "mem dp_lora/lora",
     "mem dp_full/full",
 )

@@ -229,8 +229,9 @@ def test_fit_gives_the_vectorized_update(physical, kwargs):
     assert_gradients_close(actual, expected)
 
 
-def test_auto_uses_bookkeeping_beyond_biases():
-    for trainable, expected in (("bias", False), ("all", True), ("bias+head", True)):
+def test_auto_uses_bookkeeping_beyond_biases_and_for_covered_biases():
+    # keras-hub BERT: every bias is a Dense/EinsumDense/LayerNormalization one (covered).
+    for trainable, expected in (("bias", True), ("all", True), ("bias+head", True)):
         model, _, _ = tiny_bert()
         dp = dpk.DPModel(model, trainable=trainable)
         dp.compile(
@@ -239,6 +240,12 @@ def test_auto_uses_bookkeeping_beyond_biases():
         assert dp.uses_bookkeeping() == expected
     with pytest.raises(ValueError, match="gradient_method"):
         dp.compile(optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.1), 1.0, 1.0), loss="mse", gradient_method="ghost")
+    # A bias book-keeping does not cover (GroupNormalization's beta): vectorized, no warning.
+    inputs = keras.Input((4, 4, 2))
+    outputs = keras.layers.Dense(2)(keras.layers.Flatten()(keras.layers.GroupNormalization(2)(inputs)))
+    dp = dpk.DPModel(keras.Model(inputs, outputs), trainable="bias")
+    dp.compile(optimizer=dpk.DPOptimizer(keras.optimizers.SGD(0.1), 1.0, 1.0), loss="mse")
+    assert not dp.uses_bookkeeping()
 
 
 def test_dp_lora_trains_only_the_factors_and_head_and_exports_the_adapted_model(tmp_path):

@@ -15,7 +15,8 @@ Modes. Ours: `bitfit`, `full` (non-private `fit`, shuffled batches; `_mbN`: the 
 micro-batches of N by Keras' gradient accumulation) and `dp_bitfit_*`, `dp_full_*` (`DPModel`,
 Poisson sampling) where the suffix is the `physical_batch_size`: `pad` computes every row of the
 padded Poisson batch (the 1 - 1e-9 binomial quantile), `cN` only the chunks of N rows that hold
-sampled examples, `auto` the default (`model.chunk_size_for`). Peers (BERT shapes only), each in
+sampled examples, `auto` the default (`model.chunk_size_for`); `dp_bitfit_vectorized_*`: bias
+gradients by vectorized_map instead of the default book-keeping. Peers (BERT shapes only), each in
 its own process, timed the same way (interleaved among that process's modes, so their ratios to
 their own non-private twin are as robust as ours; across processes the machine's state may
 differ): `tf_keras_bitfit`, `tfp_legacy_bitfit` (TF Privacy on tf_keras, `legacy` extra; its
@@ -126,7 +127,10 @@ def _build(mode, shape):
         raise ValueError(f"unknown mode {mode!r}: dp_bitfit_/dp_full_ take pad, auto or c<N>")
     model = dpk.DPModel(base, trainable=trainable)
     model.compile(
-        optimizer=dpk.DPOptimizer(keras.optimizers.Adam(1e-3), 1.0, 1.0), loss=_loss(), physical_batch_size=physical
+        optimizer=dpk.DPOptimizer(keras.optimizers.Adam(1e-3), 1.0, 1.0),
+        loss=_loss(),
+        physical_batch_size=physical,
+        gradient_method="vectorized" if "_vectorized" in mode else "auto",
     )
     return model, dict(batch_size=batch)
 

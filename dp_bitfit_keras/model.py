@@ -67,8 +67,8 @@ class DPModel(keras.Model):
     """Differentially private fine-tuning of a Keras model (DP-BiTFiT by default).
 
     Marks only the selected variables trainable, and trains them with DP-SGD: per-example
-    gradients by `tf.vectorized_map` (biases), or per-example norms and clipped sums by
-    book-keeping from layer inputs and output gradients (kernels, LoRA factors: see
+    norms and clipped sums by book-keeping from layer inputs and output gradients (the variables
+    of the layers it covers), or per-example gradients by `tf.vectorized_map` (any other: see
     `compile(gradient_method=...)`), clipped, summed and noised by the `DPOptimizer` it is
     compiled with, in one XLA-compiled step (`jit_compile=True`, also on CPU). Evaluation,
     prediction, `summary()` and `export()` are those of the wrapped model.

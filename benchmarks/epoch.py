@@ -100,11 +100,9 @@ def _loss():
 
 def _build(mode, shape):
     """(model, fit kwargs) of one of our modes."""
-    base = harness.build_base(shape)
-    batch = shape["batch"]
     trainable = "bias" if "bitfit" in mode else "all"
-    if shape["model"] == "llama" and trainable == "bias":
-        dpk.add_biases(base)  # Llama has no biases: zero-initialised ones, as in the harness
+    base = harness.build_base(shape, trainable)
+    batch = shape["batch"]
     if not mode.startswith("dp_"):
         micro = int(mode.split("_mb")[1]) if "_mb" in mode else batch
         if trainable == "bias":

@@ -122,8 +122,10 @@ def device_name() -> str:
     return f"CPU ({os.cpu_count()} cores)"
 
 
-def build_base(shape: dict) -> keras.Model:
-    """A random-init keras-hub task model of the shape (same seed: same weights every call)."""
+def build_base(shape: dict, trainable: str = "all") -> keras.Model:
+    """A random-init keras-hub task model of the shape (same seed: same weights every call).
+    Llama has no biases: for a `trainable` selection of biases it gets zero-initialised ones
+    (`dpk.add_biases`; the model's outputs are unchanged)."""
     keras.utils.set_random_seed(0)
     if shape["model"] == "bert":
         backbone = keras_hub.models.BertBackbone(
@@ -172,6 +174,8 @@ def build_base(shape: dict) -> keras.Model:
             model = keras_hub.models.LlamaCausalLM(backbone, preprocessor=None)
         x, _, _ = batch(shape, 1)
         model(x)
+        if shape["model"] == "llama" and "bias" in trainable:
+            dpk.add_biases(model)
         return model
     raise ValueError(f"unknown model kind {shape['model']!r}")
 
@@ -234,9 +238,7 @@ def _build_standard(shape, mode):
         (base_mode, "auto"),
     )
     trainable, private = MODES[base_mode]
-    base = build_base(shape)
-    if shape["model"] == "llama" and "bias" in trainable:
-        dpk.add_biases(base)  # Llama has none: zero-initialised ones, the model's outputs unchanged
+    base = build_base(shape, trainable)
     if trainable.startswith("lora"):
         dpk.enable_lora(base, recipes.LORA_RANK)
     if private:

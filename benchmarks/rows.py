@@ -31,15 +31,14 @@ def epoch_data(shape: dict, n: int):
     import numpy as np
 
     rng = np.random.RandomState(0)
-    if "vocab" in shape:  # a decoder: (x, next tokens, per-token weights = the padding mask)
+    if "seq" in shape:
         seq = shape["seq"]
         mask = np.arange(seq)[None] < rng.randint(8, seq + 1, n)[:, None]
+    if "vocab" in shape:  # a decoder: (x, next tokens, per-token weights = the padding mask)
         ids = rng.randint(1, shape["vocab"], (n, seq + 1)).astype("int32")
         x = {"token_ids": ids[:, :-1] * mask, "padding_mask": mask}
         return x, ids[:, 1:] * mask, mask.astype("float32")
     if shape["model"] == "bert":
-        seq = shape["seq"]
-        mask = np.arange(seq)[None] < rng.randint(8, seq + 1, n)[:, None]
         ids = (rng.randint(1, VOCAB, (n, seq)) * mask).astype("int32")
         return {"token_ids": ids, "segment_ids": np.zeros_like(ids), "padding_mask": mask}, (np.arange(n) % 2).astype(
             "int32"

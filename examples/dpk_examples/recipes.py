@@ -262,6 +262,7 @@ def train(
     if user_clipping not in USER_CLIPPING:
         raise ValueError(f"user_clipping must be one of {USER_CLIPPING}; got {user_clipping!r}.")
     keras.utils.set_random_seed(seed)
+    evaluated = None  # what evaluate() runs on, when not the trained model itself
     x_train, y_train = train_data
     n = len(y_train) if user_ids is None else len(np.unique(user_ids))  # privacy units
     delta = delta or 1.0 / (2 * n)
@@ -355,8 +356,8 @@ def train(
         cbs = [timer, PrivacyCallback(delta=delta), *callbacks]
         if isinstance(model.model, PerUserModel):  # users packed as examples, validated on rows
             x_users, y_users, w_users = pack_users(x_train, y_train, user_ids, max_examples_per_user)
-            row_model = _evaluable(model.model.model, loss)
-            cbs.append(_RowValidation(row_model, validation_data))
+            evaluated = _evaluable(model.model.model, loss)
+            cbs.append(_RowValidation(evaluated, validation_data))
             model.fit(x_users, y_users, sample_weight=w_users, callbacks=cbs, **dict(fit_kwargs, validation_data=None))
         else:
             users = {} if user_ids is None else dict(user_ids=user_ids, max_examples_per_user=max_examples_per_user)
@@ -370,9 +371,7 @@ def train(
     # SPARTA trains the kept entries of its kernels (and the head whole) only.
     num_trainable = sparse_trainable if method.startswith("sparta") else selection.num_trainable
     eps = model.privacy_spent(delta)[0] if private else math.inf
-    evaluated = (
-        _evaluable(model.model.model, loss) if isinstance(getattr(model, "model", None), PerUserModel) else model
-    )
+    evaluated = model if evaluated is None else evaluated  # a packed-users run: its row-level model
     return RunResult(
         method=method,
         epsilon=eps,
